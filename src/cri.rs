@@ -1,0 +1,1 @@
+//! cri (in progress)

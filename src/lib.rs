@@ -1,0 +1,41 @@
+//! cri-imaged: a CRI `runtime.v1.ImageService` that pulls images itself and
+//! keeps them in containerd's content, image and snapshot stores.
+//!
+//! # Layout
+//!
+//! Data flows one way, top to bottom; a module only uses the ones below it.
+//!
+//! - [`cri`]: the tonic adapter. Converts proto messages to domain types, calls
+//!   [`puller`] and [`catalog`], and maps every error to a `tonic::Status` in one place.
+//! - [`server`]: binds the unix socket and runs the gRPC server until shutdown.
+//! - [`puller`]: walks pull sources × credentials for one image, deduplicates
+//!   concurrent pulls of the same reference, and drives registry → store.
+//! - [`catalog`]: the image view over the store: groups image records by image ID
+//!   and reads the manifest and config behind them.
+//! - [`policy`]: which hosts to contact for a reference and how (TLS, insecure).
+//! - [`auth`]: which credentials to try, in order.
+//! - [`registry`]: the distribution API client (challenge, token, manifest, blobs).
+//! - [`store`]: the `ImageStore` trait and its containerd implementation.
+//! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above.
+//! - [`config`]: the daemon's TOML configuration.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod cri;
+pub mod digest;
+pub mod oci;
+pub mod platform;
+pub mod policy;
+pub mod puller;
+pub mod reference;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+/// Generated CRI v1 types and service stubs (`proto/runtime/v1/api.proto`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("runtime.v1");
+}

@@ -1,0 +1,1 @@
+//! puller (in progress)

@@ -1,0 +1,1 @@
+//! containerd store (in progress)

@@ -1,0 +1,1 @@
+//! in-memory store (in progress)

@@ -1,0 +1,149 @@
+//! The image store: containerd's content, snapshot and image services behind one
+//! trait, so the puller and catalog can be unit-tested against an in-memory store.
+//!
+//! `ContainerdStore` (containerd.rs) is the real implementation; `MemoryStore`
+//! (memory.rs) is the fake for unit tests of the modules above, chosen explicitly.
+
+use crate::digest::Digest;
+use crate::oci::Descriptor;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub mod containerd;
+pub mod memory;
+
+// pub use self::containerd::ContainerdStore;
+// pub use self::memory::MemoryStore;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Label containerd's CRI puts on the images it manages.
+pub const LABEL_CRI_MANAGED: &str = "io.cri-containerd.image";
+/// Label holding the uncompressed digest (diff ID) of a layer blob.
+pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
+/// Label asking containerd's GC to drop a lease (or ingest) after an RFC 3339 time.
+pub const LABEL_GC_EXPIRE: &str = "containerd.io/gc.expire";
+
+/// One named image record in containerd's image store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    pub target: Descriptor,
+    pub labels: Labels,
+}
+
+/// What containerd knows about one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub labels: Labels,
+}
+
+/// A containerd lease protecting everything a pull writes until the image
+/// records reference it. It expires by itself, so a crash leaks nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+}
+
+/// Space used by the snapshotter that holds unpacked images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsUsage {
+    /// The snapshotter's root directory on the host.
+    pub mountpoint: String,
+    pub used_bytes: u64,
+    pub inodes_used: u64,
+}
+
+/// Result of opening an ingest for a blob.
+pub enum Ingest {
+    /// The blob is already committed in the content store.
+    Present,
+    /// Write from `writer.offset()` on, then commit.
+    Writer(Box<dyn ContentWriter>),
+}
+
+/// A resumable writer for one blob with a known digest and size.
+#[async_trait]
+pub trait ContentWriter: Send {
+    /// Bytes already in the ingest (non-zero when resuming an interrupted write).
+    fn offset(&self) -> u64;
+    /// Appends a chunk.
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
+    /// Commits with the expected digest and size given at open; the store checks them.
+    /// `AlreadyExists` from the store counts as success.
+    async fn commit(self: Box<Self>, labels: Labels) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait ImageStore: Send + Sync {
+    async fn create_lease(&self, expire: Duration) -> Result<Lease, StoreError>;
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    async fn content_info(&self, digest: &Digest) -> Result<Option<ContentInfo>, StoreError>;
+    /// Merges `labels` into the blob's labels.
+    async fn update_labels(&self, digest: &Digest, labels: Labels) -> Result<(), StoreError>;
+    /// Opens (or resumes) the ingest named `reference` for `expected`, under `lease`.
+    async fn open_writer(
+        &self,
+        lease: &Lease,
+        reference: &str,
+        expected: &Descriptor,
+    ) -> Result<Ingest, StoreError>;
+    /// Reads a whole (small) blob: manifests, indexes, configs. Refuses blobs over `max` bytes.
+    async fn read_content(&self, digest: &Digest, max: u64) -> Result<Bytes, StoreError>;
+
+    /// Whether the committed snapshot `chain_id` exists in `snapshotter`.
+    async fn snapshot_exists(
+        &self,
+        snapshotter: &str,
+        chain_id: &Digest,
+    ) -> Result<bool, StoreError>;
+    /// Unpacks `layer` on top of `parent` and commits the snapshot named `chain_id`.
+    /// Returns the digest of the uncompressed layer as the differ computed it.
+    async fn apply_layer(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        layer: &Descriptor,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<Digest, StoreError>;
+
+    async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError>;
+    async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
+    /// Creates the record, or updates target and labels if the name exists.
+    async fn put_image(&self, record: ImageRecord) -> Result<(), StoreError>;
+    /// Deletes the record; a missing name is not an error. `sync` asks containerd
+    /// to garbage-collect before returning.
+    async fn delete_image(&self, name: &str, sync: bool) -> Result<(), StoreError>;
+
+    async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("containerd at {address} is unavailable: {source}")]
+    Unavailable {
+        address: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("content digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: String },
+    #[error("{what} not found in containerd")]
+    NotFound { what: String },
+    #[error("blob {digest} is {size} bytes, more than the {max} allowed for this read")]
+    TooLarge { digest: Digest, size: u64, max: u64 },
+    #[error("containerd {op} failed: {status}")]
+    Grpc {
+        op: &'static str,
+        #[source]
+        status: tonic::Status,
+    },
+    #[error("containerd returned a malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+}
