@@ -1,1 +1,253 @@
-//! config (in progress)
+//! The daemon's configuration: plain data read from TOML, every default written
+//! out once here and in `deploy/config.example.toml`.
+
+use crate::platform::PlatformSpec;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub containerd: ContainerdConfig,
+    pub registry: RegistryConfig,
+    pub pull: PullConfig,
+    pub credentials: CredentialsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket the CRI ImageService listens on.
+    pub listen: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: PathBuf::from("/run/cri-imaged/cri-imaged.sock"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket.
+    pub address: PathBuf,
+    /// Namespace whose images containerd's CRI runs (`k8s.io`).
+    pub namespace: String,
+    /// Snapshotter to unpack into; must be the one containerd's CRI uses.
+    pub snapshotter: String,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            address: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "k8s.io".to_string(),
+            snapshotter: "overlayfs".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// containers-registries.conf(5) file; a missing file means no policy.
+    pub registries_conf: PathBuf,
+    /// Extra CAs: files named `<host>` or `<host>..<port>`, or `<host:port>/ca.crt`.
+    pub ca_dir: PathBuf,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            registries_conf: PathBuf::from("/etc/containers/registries.conf"),
+            ca_dir: PathBuf::from("/etc/containers/certs.d"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// `os/arch[/variant]` to select from multi-platform images; empty means this host.
+    pub platform: String,
+    /// Layers downloaded at once per pull.
+    pub max_concurrent_downloads: usize,
+    /// Seconds a pull's lease protects unreferenced content if the daemon dies mid-pull.
+    pub lease_expiry_seconds: u64,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            platform: String::new(),
+            max_concurrent_downloads: 4,
+            lease_expiry_seconds: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// kubelet's `--root-dir`; its `config.json` is the first node credentials file.
+    pub kubelet_root_dir: PathBuf,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            kubelet_root_dir: PathBuf::from("/var/lib/kubelet"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: key `{key}`: {why}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        why: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let invalid = |key, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            why,
+        };
+        config
+            .platform()
+            .map_err(|e| invalid("pull.platform", e.to_string()))?;
+        if config.pull.max_concurrent_downloads == 0 {
+            return Err(invalid(
+                "pull.max_concurrent_downloads",
+                "must be at least 1".into(),
+            ));
+        }
+        if config.pull.lease_expiry_seconds < 60 {
+            return Err(invalid(
+                "pull.lease_expiry_seconds",
+                "must be at least 60".into(),
+            ));
+        }
+        if config.containerd.namespace.is_empty() {
+            return Err(invalid("containerd.namespace", "must not be empty".into()));
+        }
+        if config.containerd.snapshotter.is_empty() {
+            return Err(invalid(
+                "containerd.snapshotter",
+                "must not be empty".into(),
+            ));
+        }
+        if config.server.listen.as_os_str().is_empty() {
+            return Err(invalid("server.listen", "must not be empty".into()));
+        }
+        Ok(config)
+    }
+
+    /// The platform to pull for.
+    pub fn platform(&self) -> Result<PlatformSpec, crate::platform::PlatformError> {
+        if self.pull.platform.is_empty() {
+            Ok(PlatformSpec::host())
+        } else {
+            self.pull.platform.parse()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/cri-imaged/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.server.listen,
+            PathBuf::from("/run/cri-imaged/cri-imaged.sock")
+        );
+        assert_eq!(c.containerd.namespace, "k8s.io");
+        assert_eq!(c.containerd.snapshotter, "overlayfs");
+        assert_eq!(
+            c.credentials.kubelet_root_dir,
+            PathBuf::from("/var/lib/kubelet")
+        );
+        assert_eq!(c.platform().unwrap(), PlatformSpec::host());
+    }
+
+    #[test]
+    fn example_config_parses_to_the_defaults() {
+        let text = include_str!("../deploy/config.example.toml");
+        let c = parse(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.containerd.address, d.containerd.address);
+        assert_eq!(c.registry.registries_conf, d.registry.registries_conf);
+        assert_eq!(c.registry.ca_dir, d.registry.ca_dir);
+        assert_eq!(
+            c.pull.max_concurrent_downloads,
+            d.pull.max_concurrent_downloads
+        );
+        assert_eq!(c.pull.lease_expiry_seconds, d.pull.lease_expiry_seconds);
+        assert_eq!(
+            c.credentials.kubelet_root_dir,
+            d.credentials.kubelet_root_dir
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse("[server]\nlisten = 3\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/cri-imaged/config.toml"), "{e}");
+        assert!(e.contains("listen"), "{e}");
+        let e = parse("[pull]\nplatfrom = \"linux/amd64\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("platfrom"), "{e}");
+        let e = parse("[pull]\nplatform = \"linux\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pull.platform"), "{e}");
+        let e = parse("[pull]\nmax_concurrent_downloads = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pull.max_concurrent_downloads"), "{e}");
+    }
+}

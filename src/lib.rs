@@ -18,10 +18,12 @@
 //! - [`store`]: the `ImageStore` trait and its containerd implementation.
 //! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above.
 //! - [`config`]: the daemon's TOML configuration.
+//! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod catalog;
+pub mod client;
 pub mod config;
 pub mod cri;
 pub mod digest;

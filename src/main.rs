@@ -1,1 +1,345 @@
-fn main() {}
+//! `cri-imaged`: with no subcommand, serves the CRI ImageService; the subcommands
+//! are a small crictl for images (Debian does not package crictl).
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use cri_imaged::config::Config;
+use cri_imaged::proto;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// sysexits' EX_CONFIG-adjacent EX_USAGE: bad configuration is fixed by the operator.
+const EXIT_CONFIG: u8 = 64;
+const DEFAULT_ENDPOINT: &str = "unix:///run/cri-imaged/cri-imaged.sock";
+
+#[derive(Parser)]
+#[command(version, about = "CRI ImageService that pulls images into containerd")]
+struct Cli {
+    /// Configuration file (TOML); every key has a default.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull an image through a CRI ImageService.
+    Pull {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// `username[:password]` for the registry.
+        #[arg(long)]
+        creds: Option<String>,
+        /// docker's `auth` field: base64 of `username:password`.
+        #[arg(long)]
+        auth: Option<String>,
+        /// OAuth2 refresh token (docker's `identitytoken`).
+        #[arg(long)]
+        identity_token: Option<String>,
+        /// Bearer token sent as is (docker's `registrytoken`).
+        #[arg(long)]
+        registry_token: Option<String>,
+        image: String,
+    },
+    /// List images.
+    Images {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Only image IDs.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Only this image.
+        image: Option<String>,
+    },
+    /// Show an image's status, with verbose info, as JSON.
+    Inspecti {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        image: String,
+    },
+    /// Remove images (every name of each).
+    Rmi {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show the image filesystem's usage as JSON.
+    Imagefsinfo {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+    },
+}
+
+#[derive(Args)]
+struct EndpointArg {
+    /// CRI image endpoint.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    image_endpoint: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cri-imaged: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        None => runtime.block_on(serve(cli.config)),
+        Some(command) => match runtime.block_on(client(command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cri-imaged: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match &config_path {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("cri-imaged: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => Config::default(),
+    };
+    let service = match cri_imaged::server::build_service(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listener = match cri_imaged::server::bind(&config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        socket = %config.server.listen.display(),
+        containerd = %config.containerd.address.display(),
+        namespace = %config.containerd.namespace,
+        snapshotter = %config.containerd.snapshotter,
+        "serving runtime.v1.ImageService"
+    );
+    let result = cri_imaged::server::run(listener, service, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&config.server.listen);
+    match result {
+        Ok(()) => {
+            tracing::info!("shut down");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn spec(image: &str) -> Option<proto::ImageSpec> {
+    Some(proto::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Pull {
+            endpoint,
+            creds,
+            auth,
+            identity_token,
+            registry_token,
+            image,
+        } => {
+            let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
+            let (username, password) = match creds
+                .as_deref()
+                .map(|c| c.split_once(':').unwrap_or((c, "")))
+            {
+                Some((u, p)) => (u.to_string(), p.to_string()),
+                None => Default::default(),
+            };
+            let request = proto::PullImageRequest {
+                image: spec(&image),
+                auth: Some(proto::AuthConfig {
+                    username,
+                    password,
+                    auth: auth.unwrap_or_default(),
+                    identity_token: identity_token.unwrap_or_default(),
+                    registry_token: registry_token.unwrap_or_default(),
+                    ..Default::default()
+                }),
+                sandbox_config: None,
+            };
+            let response = client
+                .pull_image(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("Image is up to date for {}", response.image_ref);
+        }
+        Command::Images {
+            endpoint,
+            quiet,
+            image,
+        } => {
+            let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
+            let filter = image.map(|i| proto::ImageFilter { image: spec(&i) });
+            let images = client
+                .list_images(proto::ListImagesRequest { filter })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .images;
+            if !quiet {
+                println!(
+                    "{:<50} {:<20} {:<15} {:>10}",
+                    "IMAGE", "TAG", "IMAGE ID", "SIZE"
+                );
+            }
+            for image in images {
+                let short_id = image
+                    .id
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(13)
+                    .collect::<String>();
+                if quiet {
+                    println!("{}", image.id);
+                    continue;
+                }
+                let size = format!("{:.1}MB", image.size as f64 / 1e6);
+                if image.repo_tags.is_empty() {
+                    println!(
+                        "{:<50} {:<20} {:<15} {:>10}",
+                        "<none>", "<none>", short_id, size
+                    );
+                }
+                for tag in &image.repo_tags {
+                    let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "<none>"));
+                    println!("{repo:<50} {t:<20} {short_id:<15} {size:>10}");
+                }
+            }
+        }
+        Command::Inspecti { endpoint, image } => {
+            let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
+            let response = client
+                .image_status(proto::ImageStatusRequest {
+                    image: spec(&image),
+                    verbose: true,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let Some(status) = response.image else {
+                anyhow::bail!("no such image {image:?}");
+            };
+            let info: serde_json::Map<String, serde_json::Value> = response
+                .info
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+                    (k, v)
+                })
+                .collect();
+            let out = serde_json::json!({
+                "status": {
+                    "id": status.id,
+                    "repoTags": status.repo_tags,
+                    "repoDigests": status.repo_digests,
+                    "size": status.size.to_string(),
+                    "uid": status.uid.map(|u| serde_json::json!({"value": u.value.to_string()})),
+                    "username": status.username,
+                    "pinned": status.pinned,
+                },
+                "info": info,
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).context("printing JSON")?
+            );
+        }
+        Command::Rmi { endpoint, images } => {
+            let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
+            for image in images {
+                client
+                    .remove_image(proto::RemoveImageRequest {
+                        image: spec(&image),
+                    })
+                    .await
+                    .map_err(status_error)?;
+                println!("Deleted: {image}");
+            }
+        }
+        Command::Imagefsinfo { endpoint } => {
+            let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
+            let response = client
+                .image_fs_info(proto::ImageFsInfoRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let fs = |list: &[proto::FilesystemUsage]| -> Vec<serde_json::Value> {
+                list.iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "timestamp": f.timestamp.to_string(),
+                            "fsId": {"mountpoint": f.fs_id.as_ref().map(|i| i.mountpoint.clone()).unwrap_or_default()},
+                            "usedBytes": {"value": f.used_bytes.as_ref().map(|v| v.value).unwrap_or_default().to_string()},
+                            "inodesUsed": {"value": f.inodes_used.as_ref().map(|v| v.value).unwrap_or_default().to_string()},
+                        })
+                    })
+                    .collect()
+            };
+            let out = serde_json::json!({
+                "status": {
+                    "imageFilesystems": fs(&response.image_filesystems),
+                    "containerFilesystems": fs(&response.container_filesystems),
+                }
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).context("printing JSON")?
+            );
+        }
+    }
+    Ok(())
+}

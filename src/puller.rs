@@ -1,1 +1,827 @@
-//! puller (in progress)
+//! The pull: for one image, walk sources × credentials until one works, then
+//! fetch manifest, config and layers into the store, unpack, and write the image
+//! records containerd's CRI writes. Concurrent pulls of the same image share one.
+//!
+//! Order of writes (DESIGN.md): everything under a lease; blobs, then snapshots,
+//! then the config's snapshot label, manifest and index with their GC labels, and
+//! the image records last, so containerd's CRI sees a complete image or none.
+
+use crate::auth::{AuthError, Candidate, Keyring, RequestAuth};
+use crate::digest::Digest;
+use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
+use crate::platform::PlatformSpec;
+use crate::policy::{Policy, Source};
+use crate::reference::Reference;
+use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use crate::store::{
+    ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED,
+    LABEL_UNCOMPRESSED,
+};
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// Manifests and configs above this size are refused.
+const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
+/// Times a blob download is resumed after the connection broke mid-body.
+const BLOB_RESUMES: usize = 3;
+
+/// How pulls are done; from the `[containerd]` and `[pull]` config.
+#[derive(Debug, Clone)]
+pub struct PullSettings {
+    pub snapshotter: String,
+    pub platform: PlatformSpec,
+    pub max_concurrent_downloads: usize,
+    pub lease_expiry: Duration,
+}
+
+/// A finished pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    /// The image ID: the config digest.
+    pub image_id: Digest,
+    /// The descriptor the reference resolved to (index or manifest).
+    pub target: Descriptor,
+    /// Which candidate's credentials worked (key and source, never the secret).
+    pub credential_key: String,
+    pub credential_source: String,
+}
+
+/// One credential that a registry refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub key: String,
+    pub source: String,
+    pub kind: &'static str,
+    /// 401 or 403.
+    pub status: u16,
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.source == "anonymous" {
+            write!(f, "anonymous → {}", self.status)
+        } else {
+            write!(
+                f,
+                "{} {:?} from {} → {}",
+                self.kind, self.key, self.source, self.status
+            )
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("pulling {image} from {registry}: {source}")]
+    Registry {
+        image: String,
+        registry: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error(
+        "pulling {image}: registry {registry} refused every credential tried ({})",
+        list(attempts)
+    )]
+    Unauthorized {
+        image: String,
+        registry: String,
+        attempts: Vec<Attempt>,
+        /// Every attempt was a 403 (authenticated but not allowed).
+        forbidden: bool,
+    },
+    #[error("pulling {image}: no manifest for platform {wanted} (the index has: {})", available.join(", "))]
+    NoMatchingPlatform {
+        image: String,
+        wanted: String,
+        available: Vec<String>,
+    },
+    #[error("pulling {image}: invalid image: {what}")]
+    InvalidImage { image: String, what: String },
+    #[error("pulling {image}: layer {layer} unpacked to {actual}, but the config says {expected}")]
+    DiffIdMismatch {
+        image: String,
+        layer: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("pulling {image}: {source}")]
+    Store {
+        image: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("pulling {image}: download task failed: {detail}")]
+    Task { image: String, detail: String },
+}
+
+fn list(attempts: &[Attempt]) -> String {
+    attempts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+type SharedPull = Shared<BoxFuture<'static, Result<Pulled, Arc<PullError>>>>;
+
+/// Pulls images; cheap to clone.
+#[derive(Clone)]
+pub struct Puller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn ImageStore>,
+    registry: RegistryClient,
+    policy: Policy,
+    keyring: Keyring,
+    settings: PullSettings,
+    inflight: Mutex<HashMap<String, SharedPull>>,
+}
+
+impl Puller {
+    pub fn new(
+        store: Arc<dyn ImageStore>,
+        registry: RegistryClient,
+        policy: Policy,
+        keyring: Keyring,
+        settings: PullSettings,
+    ) -> Self {
+        Puller {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                policy,
+                keyring,
+                settings,
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Pulls `reference`. A pull of the same reference with the same request
+    /// credentials already under way is joined rather than repeated. The pull runs
+    /// in its own task, so a caller that goes away does not waste the work done.
+    pub async fn pull(
+        &self,
+        reference: Reference,
+        auth: Option<RequestAuth>,
+    ) -> Result<Pulled, Arc<PullError>> {
+        let key = inflight_key(&reference, auth.as_ref());
+        let shared = {
+            let mut inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(existing) = inflight.get(&key) {
+                tracing::debug!(image = %reference, "joining a pull already under way");
+                existing.clone()
+            } else {
+                let inner = self.inner.clone();
+                let task_key = key.clone();
+                let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
+                    let result = inner
+                        .pull_once(&reference, auth.as_ref())
+                        .await
+                        .map_err(Arc::new);
+                    inner
+                        .inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&task_key);
+                    result
+                });
+                let image = key.clone();
+                let fut: BoxFuture<'static, Result<Pulled, Arc<PullError>>> = async move {
+                    handle.await.unwrap_or_else(|e| {
+                        Err(Arc::new(PullError::Task {
+                            image,
+                            detail: e.to_string(),
+                        }))
+                    })
+                }
+                .boxed();
+                let shared = fut.shared();
+                inflight.insert(key, shared.clone());
+                shared
+            }
+        };
+        shared.await
+    }
+}
+
+/// Pulls are shared only between callers presenting the same credentials: one
+/// caller's wrong password must not fail another's pull. The key holds a hash of the
+/// request's auth, never the secret.
+fn inflight_key(reference: &Reference, auth: Option<&RequestAuth>) -> String {
+    let fingerprint = auth.map(|a| {
+        let joined = [
+            &a.username,
+            &a.password,
+            &a.auth,
+            &a.identity_token,
+            &a.registry_token,
+        ]
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("\0");
+        Digest::of(joined.as_bytes()).hex()[..16].to_string()
+    });
+    format!("{reference} {}", fingerprint.unwrap_or_default())
+}
+
+/// Everything one attempt at one source needs.
+struct Attempting<'a> {
+    image: &'a Reference,
+    source: &'a Source,
+    credential: Option<&'a Credential>,
+}
+
+impl Inner {
+    #[tracing::instrument(skip_all, fields(image = %reference))]
+    async fn pull_once(
+        &self,
+        reference: &Reference,
+        auth: Option<&RequestAuth>,
+    ) -> Result<Pulled, PullError> {
+        let started = Instant::now();
+        let candidates = self.keyring.candidates(reference, auth)?;
+        let mut attempts = Vec::new();
+        let mut last_registry = reference.registry_host().to_string();
+        for source in self.policy.sources(reference) {
+            last_registry = source.endpoint.host.clone();
+            for candidate in &candidates {
+                let attempt = Attempting {
+                    image: reference,
+                    source: &source,
+                    credential: candidate.credential.as_ref(),
+                };
+                match self.pull_from(&attempt).await {
+                    Ok(target) => {
+                        tracing::info!(
+                            registry = %source.endpoint.host,
+                            key = %candidate.key,
+                            credential_source = %candidate.source,
+                            kind = candidate.kind(),
+                            image_id = %target.0,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "pulled"
+                        );
+                        return Ok(Pulled {
+                            image_id: target.0,
+                            target: target.1,
+                            credential_key: candidate.key.clone(),
+                            credential_source: candidate.source.clone(),
+                        });
+                    }
+                    Err(PullError::Registry { source: e, .. }) if auth_status(&e).is_some() => {
+                        let status = auth_status(&e).unwrap_or(401);
+                        tracing::info!(
+                            registry = %source.endpoint.host,
+                            key = %candidate.key,
+                            credential_source = %candidate.source,
+                            status,
+                            "credential refused; trying the next one"
+                        );
+                        attempts.push(attempt_of(candidate, status));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let forbidden = !attempts.is_empty() && attempts.iter().all(|a| a.status == 403);
+        Err(PullError::Unauthorized {
+            image: reference.to_string(),
+            registry: last_registry,
+            attempts,
+            forbidden,
+        })
+    }
+
+    /// One try at one source with one credential. Returns (image ID, target).
+    async fn pull_from(&self, at: &Attempting<'_>) -> Result<(Digest, Descriptor), PullError> {
+        let endpoint = &at.source.endpoint;
+        let repo = at.source.reference.path();
+        let reg_err = |source| PullError::Registry {
+            image: at.image.to_string(),
+            registry: endpoint.host.clone(),
+            source,
+        };
+        let top = self
+            .registry
+            .fetch_manifest(
+                endpoint,
+                repo,
+                &at.source.reference.manifest_reference(),
+                at.credential,
+            )
+            .await
+            .map_err(reg_err)?;
+        let (manifest_desc, manifest_body, index) =
+            match oci::manifest_kind(&top.descriptor.media_type) {
+                ManifestKind::Index => {
+                    let index: Index = self.parse_document(at, &top.body, "image index")?;
+                    let Some(child) = self.settings.platform.select(&index.manifests) else {
+                        return Err(PullError::NoMatchingPlatform {
+                            image: at.image.to_string(),
+                            wanted: self.settings.platform.to_string(),
+                            available: index
+                                .manifests
+                                .iter()
+                                .filter_map(|d| d.platform.as_ref())
+                                .map(|p| match &p.variant {
+                                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                                    None => format!("{}/{}", p.os, p.architecture),
+                                })
+                                .collect(),
+                        });
+                    };
+                    let fetched = self
+                        .registry
+                        .fetch_manifest(endpoint, repo, &child.digest.to_string(), at.credential)
+                        .await
+                        .map_err(reg_err)?;
+                    if oci::manifest_kind(&fetched.descriptor.media_type) != ManifestKind::Manifest
+                    {
+                        return Err(self.invalid(
+                            at,
+                            format!(
+                                "index entry {} is a {}, not an image manifest",
+                                child.digest, fetched.descriptor.media_type
+                            ),
+                        ));
+                    }
+                    (fetched.descriptor, fetched.body, Some((top, index)))
+                }
+                ManifestKind::Manifest => (top.descriptor, top.body, None),
+                ManifestKind::Schema1 | ManifestKind::Unknown => {
+                    return Err(reg_err(RegistryError::Unsupported {
+                        media_type: top.descriptor.media_type.clone(),
+                        why: "not an OCI or Docker schema 2 image",
+                    }))
+                }
+            };
+        let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;
+        if let Some(bad) = manifest
+            .layers
+            .iter()
+            .find(|l| !oci::is_layer(&l.media_type))
+        {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "layer {} has media type {:?}, which cannot be unpacked",
+                    bad.digest, bad.media_type
+                ),
+            ));
+        }
+
+        let lease = self
+            .store_call(at, self.store.create_lease(self.settings.lease_expiry))
+            .await?;
+        let result = self
+            .fetch_and_unpack(at, &lease, &manifest_desc, manifest_body, &manifest, index)
+            .await;
+        // On failure, collect synchronously: a failed pull leaves nothing behind.
+        if let Err(e) = self.store.delete_lease(&lease, result.is_err()).await {
+            tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
+        }
+        result
+    }
+
+    async fn fetch_and_unpack(
+        &self,
+        at: &Attempting<'_>,
+        lease: &Lease,
+        manifest_desc: &Descriptor,
+        manifest_body: Bytes,
+        manifest: &Manifest,
+        index: Option<(crate::registry::FetchedManifest, Index)>,
+    ) -> Result<(Digest, Descriptor), PullError> {
+        let source_label = distribution_source_label(&at.source.reference);
+
+        // The config first: its diff IDs name the snapshots.
+        let mut labels = Labels::new();
+        labels.insert(source_label.0.clone(), source_label.1.clone());
+        fetch_blob(
+            &self.store,
+            &self.registry,
+            at.source,
+            at.credential,
+            lease,
+            &manifest.config,
+            "config",
+            labels,
+        )
+        .await
+        .map_err(|e| e.into_pull_error(at.image, &at.source.endpoint.host))?;
+        let config_body = self
+            .store_call(
+                at,
+                self.store
+                    .read_content(&manifest.config.digest, MAX_DOCUMENT_BYTES),
+            )
+            .await?;
+        let config: ImageConfig = self.parse_document(at, &config_body, "image config")?;
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "the manifest has {} layers but the config lists {} diff IDs",
+                    manifest.layers.len(),
+                    diff_ids.len()
+                ),
+            ));
+        }
+        let chain_ids = config.chain_ids();
+
+        // Layers download in parallel tasks; unpacking follows in order as each lands.
+        let downloads = self.spawn_downloads(at, lease, &manifest.layers, diff_ids, &source_label);
+        let mut parent: Option<&Digest> = None;
+        for (i, download) in downloads.into_iter().enumerate() {
+            download.join(at.image, &at.source.endpoint.host).await?;
+            let layer = &manifest.layers[i];
+            let chain_id = &chain_ids[i];
+            let exists = self
+                .store_call(
+                    at,
+                    self.store
+                        .snapshot_exists(&self.settings.snapshotter, chain_id),
+                )
+                .await?;
+            if !exists {
+                let applied = self
+                    .store_call(
+                        at,
+                        self.store.apply_layer(
+                            lease,
+                            &self.settings.snapshotter,
+                            layer,
+                            parent,
+                            chain_id,
+                        ),
+                    )
+                    .await?;
+                if applied != diff_ids[i] {
+                    return Err(PullError::DiffIdMismatch {
+                        image: at.image.to_string(),
+                        layer: layer.digest.clone(),
+                        expected: diff_ids[i].clone(),
+                        actual: applied,
+                    });
+                }
+            }
+            parent = Some(chain_id);
+        }
+
+        // GC references: config → top snapshot; manifest → config and layers; index → manifests.
+        if let Some(top) = chain_ids.last() {
+            let mut labels = Labels::new();
+            labels.insert(
+                format!(
+                    "containerd.io/gc.ref.snapshot.{}",
+                    self.settings.snapshotter
+                ),
+                top.to_string(),
+            );
+            self.store_call(
+                at,
+                self.store.update_labels(&manifest.config.digest, labels),
+            )
+            .await?;
+        }
+        let mut labels = Labels::new();
+        labels.insert(source_label.0.clone(), source_label.1.clone());
+        labels.insert(
+            "containerd.io/gc.ref.content.config".into(),
+            manifest.config.digest.to_string(),
+        );
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.to_string(),
+            );
+        }
+        self.write_document(at, lease, manifest_desc, manifest_body, "manifest", labels)
+            .await?;
+        let target = match index {
+            Some((top, index)) => {
+                let mut labels = Labels::new();
+                labels.insert(source_label.0.clone(), source_label.1.clone());
+                for (i, m) in index.manifests.iter().enumerate() {
+                    labels.insert(
+                        format!("containerd.io/gc.ref.content.m.{i}"),
+                        m.digest.to_string(),
+                    );
+                }
+                self.write_document(at, lease, &top.descriptor, top.body, "index", labels)
+                    .await?;
+                top.descriptor
+            }
+            None => manifest_desc.clone(),
+        };
+
+        // The records last: containerd's CRI learns of the image from these events.
+        let target = Descriptor::new(
+            target.media_type.clone(),
+            target.digest.clone(),
+            target.size,
+        );
+        let mut names = Vec::new();
+        if let Some(tagged) = at.image.tagged_name() {
+            names.push(tagged);
+        }
+        names.push(at.image.digest_name(&target.digest));
+        names.push(manifest.config.digest.to_string());
+        let mut labels = Labels::new();
+        labels.insert(LABEL_CRI_MANAGED.to_string(), "managed".to_string());
+        for name in names {
+            let record = ImageRecord {
+                name,
+                target: target.clone(),
+                labels: labels.clone(),
+            };
+            self.store_call(at, self.store.put_image(record)).await?;
+        }
+        Ok((manifest.config.digest.clone(), target))
+    }
+
+    fn spawn_downloads(
+        &self,
+        at: &Attempting<'_>,
+        lease: &Lease,
+        layers: &[Descriptor],
+        diff_ids: &[Digest],
+        source_label: &(String, String),
+    ) -> Vec<Download> {
+        let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_downloads));
+        layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(layer, diff_id)| {
+                let mut labels = Labels::new();
+                labels.insert(source_label.0.clone(), source_label.1.clone());
+                labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
+                let store = self.store.clone();
+                let registry = self.registry.clone();
+                let source = at.source.clone();
+                let credential = at.credential.cloned();
+                let lease = lease.clone();
+                let layer = layer.clone();
+                let permits = permits.clone();
+                Download(tokio::spawn(async move {
+                    let _permit = permits
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| BlobError::Task(e.to_string()))?;
+                    fetch_blob(
+                        &store,
+                        &registry,
+                        &source,
+                        credential.as_ref(),
+                        &lease,
+                        &layer,
+                        "layer",
+                        labels,
+                    )
+                    .await
+                }))
+            })
+            .collect()
+    }
+
+    async fn write_document(
+        &self,
+        at: &Attempting<'_>,
+        lease: &Lease,
+        desc: &Descriptor,
+        body: Bytes,
+        kind: &str,
+        labels: Labels,
+    ) -> Result<(), PullError> {
+        let reference = format!("{kind}-{}", desc.digest);
+        match self
+            .store_call(at, self.store.open_writer(lease, &reference, desc))
+            .await?
+        {
+            Ingest::Present => {
+                self.store_call(at, self.store.update_labels(&desc.digest, labels))
+                    .await
+            }
+            Ingest::Writer(mut w) => {
+                let offset = usize::try_from(w.offset())
+                    .unwrap_or(usize::MAX)
+                    .min(body.len());
+                self.store_call(at, w.write(body.slice(offset..))).await?;
+                self.store_call(at, w.commit(labels)).await
+            }
+        }
+    }
+
+    fn parse_document<T: serde::de::DeserializeOwned>(
+        &self,
+        at: &Attempting<'_>,
+        body: &[u8],
+        what: &str,
+    ) -> Result<T, PullError> {
+        serde_json::from_slice(body)
+            .map_err(|e| self.invalid(at, format!("the {what} does not parse: {e}")))
+    }
+
+    fn invalid(&self, at: &Attempting<'_>, what: String) -> PullError {
+        PullError::InvalidImage {
+            image: at.image.to_string(),
+            what,
+        }
+    }
+
+    async fn store_call<T>(
+        &self,
+        at: &Attempting<'_>,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, PullError> {
+        call.await.map_err(|source| PullError::Store {
+            image: at.image.to_string(),
+            source,
+        })
+    }
+}
+
+/// The status (401/403) of a registry error that means "these credentials won't do".
+fn auth_status(e: &RegistryError) -> Option<u16> {
+    match e {
+        RegistryError::Unauthorized { .. } => Some(401),
+        RegistryError::Denied { .. } => Some(403),
+        _ => None,
+    }
+}
+
+fn attempt_of(candidate: &Candidate, status: u16) -> Attempt {
+    Attempt {
+        key: candidate.key.clone(),
+        source: candidate.source.clone(),
+        kind: candidate.kind(),
+        status,
+    }
+}
+
+/// containerd's label recording where a blob came from:
+/// `containerd.io/distribution.source.<host>` = `<repository>`.
+fn distribution_source_label(reference: &Reference) -> (String, String) {
+    (
+        format!("containerd.io/distribution.source.{}", reference.domain()),
+        reference.path().to_string(),
+    )
+}
+
+/// A layer download running in its own task; aborted if dropped unfinished.
+struct Download(JoinHandle<Result<(), BlobError>>);
+
+impl Download {
+    async fn join(mut self, image: &Reference, host: &str) -> Result<(), PullError> {
+        let result = (&mut self.0).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into_pull_error(image, host)),
+            Err(e) => Err(PullError::Task {
+                image: image.to_string(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why one blob could not be stored.
+#[derive(Debug)]
+enum BlobError {
+    Registry(RegistryError),
+    Store(StoreError),
+    Task(String),
+}
+
+impl BlobError {
+    fn into_pull_error(self, image: &Reference, host: &str) -> PullError {
+        match self {
+            BlobError::Registry(source) => PullError::Registry {
+                image: image.to_string(),
+                registry: host.to_string(),
+                source,
+            },
+            BlobError::Store(source) => PullError::Store {
+                image: image.to_string(),
+                source,
+            },
+            BlobError::Task(detail) => PullError::Task {
+                image: image.to_string(),
+                detail,
+            },
+        }
+    }
+}
+
+/// Streams one blob from the registry into the store, resuming the ingest (same
+/// `ref`) when the connection breaks mid-body. A blob already present is skipped.
+/// On giving up, the partial ingest is dropped.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_blob(
+    store: &Arc<dyn ImageStore>,
+    registry: &RegistryClient,
+    source: &Source,
+    credential: Option<&Credential>,
+    lease: &Lease,
+    desc: &Descriptor,
+    kind: &str,
+    labels: Labels,
+) -> Result<(), BlobError> {
+    let reference = format!("{kind}-{}", desc.digest);
+    let result = fetch_blob_resuming(
+        store,
+        registry,
+        &source.endpoint,
+        source.reference.path(),
+        credential,
+        lease,
+        desc,
+        &reference,
+        labels,
+    )
+    .await;
+    if result.is_err() {
+        if let Err(e) = store.abort_ingest(&reference).await {
+            tracing::debug!(reference, error = %e, "could not abort the ingest");
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_blob_resuming(
+    store: &Arc<dyn ImageStore>,
+    registry: &RegistryClient,
+    endpoint: &Endpoint,
+    repo: &str,
+    credential: Option<&Credential>,
+    lease: &Lease,
+    desc: &Descriptor,
+    reference: &str,
+    labels: Labels,
+) -> Result<(), BlobError> {
+    let mut tries = 0;
+    loop {
+        let mut writer = match store
+            .open_writer(lease, reference, desc)
+            .await
+            .map_err(BlobError::Store)?
+        {
+            Ingest::Present => return Ok(()),
+            Ingest::Writer(w) => w,
+        };
+        let offset = writer.offset();
+        let mut body = registry
+            .fetch_blob(endpoint, repo, desc, offset, credential)
+            .await
+            .map_err(BlobError::Registry)?;
+        let mut broken = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => writer.write(bytes).await.map_err(BlobError::Store)?,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        match broken {
+            None => return writer.commit(labels).await.map_err(BlobError::Store),
+            Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
+                tries += 1;
+                tracing::info!(blob = %desc.digest, error = %e, tries, "blob download broke off; resuming");
+            }
+            Some(e) => return Err(BlobError::Registry(e)),
+        }
+    }
+}
+
+/// A body that broke off can be resumed; a body that was wrong cannot.
+fn is_resumable(e: &RegistryError) -> bool {
+    matches!(e, RegistryError::Unreachable { .. })
+}

@@ -1,1 +1,128 @@
-//! server (in progress)
+//! The daemon: wires config into the modules, binds the unix socket and serves the
+//! CRI ImageService and gRPC health until shutdown.
+
+use crate::auth::Keyring;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::cri::ImageServiceImpl;
+use crate::policy::{Policy, PolicyError};
+use crate::proto::image_service_server::ImageServiceServer;
+use crate::puller::{PullSettings, Puller};
+use crate::registry::{ClientSettings, RegistryClient, RegistryError};
+use crate::store::{ContainerdStore, ImageStore, StoreError};
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// kubelet's gRPC client accepts messages up to 16 MiB; so do we.
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another process is already serving on {0}")]
+    InUse(PathBuf),
+    #[error("cannot bind unix socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Builds the ImageService from configuration. containerd need not be up yet:
+/// calls made while it is down fail with `Unavailable` and the daemon keeps serving.
+pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
+    let address = config.containerd.address.to_string_lossy().into_owned();
+    let store: Arc<dyn ImageStore> = Arc::new(ContainerdStore::connect(
+        &address,
+        &config.containerd.namespace,
+    )?);
+    let registry = RegistryClient::new(ClientSettings {
+        ca_dir: Some(config.registry.ca_dir.clone()),
+        user_agent: format!("cri-imaged/{}", env!("CARGO_PKG_VERSION")),
+    })?;
+    let policy = Policy::load(&config.registry.registries_conf)?;
+    let platform = config
+        .platform()
+        .unwrap_or_else(|_| crate::platform::PlatformSpec::host());
+    let settings = PullSettings {
+        snapshotter: config.containerd.snapshotter.clone(),
+        platform: platform.clone(),
+        max_concurrent_downloads: config.pull.max_concurrent_downloads,
+        lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
+    };
+    let puller = Puller::new(store.clone(), registry, policy, Keyring::new(), settings);
+    let catalog = Arc::new(Catalog::new(store, platform));
+    Ok(ImageServiceImpl::new(
+        puller,
+        catalog,
+        config.containerd.snapshotter.clone(),
+    ))
+}
+
+/// Binds `path`: creates its directory, replaces a stale socket (refusing one that a
+/// live process still answers on), and restricts it to owner and group (0660).
+pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::InUse(path.to_path_buf()));
+        }
+        tracing::info!(socket = %path.display(), "replacing stale socket");
+        std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serves the ImageService and `grpc.health.v1.Health` on `listener` until `shutdown`.
+pub async fn run(
+    listener: UnixListener,
+    service: ImageServiceImpl,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ImageServiceServer<ImageServiceImpl>>()
+        .await;
+    let images = ImageServiceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(images)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub mod containerd;
 pub mod memory;
 
-// pub use self::containerd::ContainerdStore;
+pub use self::containerd::ContainerdStore;
 // pub use self::memory::MemoryStore;
 
 pub type Labels = BTreeMap<String, String>;
@@ -81,7 +81,9 @@ pub trait ContentWriter: Send {
 #[async_trait]
 pub trait ImageStore: Send + Sync {
     async fn create_lease(&self, expire: Duration) -> Result<Lease, StoreError>;
-    async fn delete_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Deletes the lease. `sync` asks containerd to garbage-collect before returning
+    /// (used after a failed pull, so nothing it wrote outlives the call).
+    async fn delete_lease(&self, lease: &Lease, sync: bool) -> Result<(), StoreError>;
 
     async fn content_info(&self, digest: &Digest) -> Result<Option<ContentInfo>, StoreError>;
     /// Merges `labels` into the blob's labels.
@@ -93,6 +95,9 @@ pub trait ImageStore: Send + Sync {
         reference: &str,
         expected: &Descriptor,
     ) -> Result<Ingest, StoreError>;
+    /// Drops the partial ingest `reference` (after a pull gave up on that blob).
+    /// A missing ingest is not an error.
+    async fn abort_ingest(&self, reference: &str) -> Result<(), StoreError>;
     /// Reads a whole (small) blob: manifests, indexes, configs. Refuses blobs over `max` bytes.
     async fn read_content(&self, digest: &Digest, max: u64) -> Result<Bytes, StoreError>;
 

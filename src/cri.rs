@@ -1,1 +1,0 @@
-//! cri (in progress)

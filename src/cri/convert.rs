@@ -1,0 +1,276 @@
+//! Every conversion between CRI proto messages and domain types, and the one
+//! mapping from errors to gRPC status codes.
+
+use crate::auth::{AuthError, RequestAuth};
+use crate::catalog::{CatalogError, ImageView};
+use crate::proto;
+use crate::puller::PullError;
+use crate::reference::ReferenceError;
+use crate::registry::RegistryError;
+use crate::store::{FsUsage, StoreError};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use tonic::{Code, Status};
+
+/// Everything a CRI call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Reference(#[from] ReferenceError),
+    #[error("{0}")]
+    MissingField(&'static str),
+    #[error("{0}")]
+    Pull(Arc<PullError>),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+}
+
+impl From<Arc<PullError>> for Error {
+    fn from(e: Arc<PullError>) -> Self {
+        Error::Pull(e)
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        let code = match &e {
+            Error::Reference(_) | Error::MissingField(_) => Code::InvalidArgument,
+            Error::Pull(p) => pull_code(p),
+            Error::Catalog(CatalogError::Store(s)) => store_code(s),
+        };
+        // kubelet turns a message starting with this word into the pod's reason.
+        if code == Code::Unavailable && is_registry_failure(&e) {
+            return Status::new(code, format!("RegistryUnavailable: {message}"));
+        }
+        Status::new(code, message)
+    }
+}
+
+fn pull_code(e: &PullError) -> Code {
+    match e {
+        PullError::Auth(AuthError::MalformedAuthField) => Code::InvalidArgument,
+        PullError::Registry { source, .. } => registry_code(source),
+        PullError::Unauthorized {
+            forbidden: true, ..
+        } => Code::PermissionDenied,
+        PullError::Unauthorized {
+            forbidden: false, ..
+        } => Code::Unauthenticated,
+        PullError::NoMatchingPlatform { .. } => Code::NotFound,
+        // The registry serves something we cannot run: not an internal fault, not
+        // the caller's argument either.
+        PullError::InvalidImage { .. } => Code::FailedPrecondition,
+        PullError::DiffIdMismatch { .. } => Code::DataLoss,
+        PullError::Store { source, .. } => store_code(source),
+        PullError::Task { .. } => Code::Internal,
+    }
+}
+
+fn registry_code(e: &RegistryError) -> Code {
+    match e {
+        RegistryError::Unreachable { .. } => Code::Unavailable,
+        RegistryError::Unauthorized { .. } => Code::Unauthenticated,
+        RegistryError::Denied { .. } => Code::PermissionDenied,
+        RegistryError::NotFound { .. } => Code::NotFound,
+        RegistryError::TooManyRequests { .. } => Code::ResourceExhausted,
+        RegistryError::DigestMismatch { .. } => Code::DataLoss,
+        RegistryError::Unsupported { .. } => Code::FailedPrecondition,
+    }
+}
+
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::Unavailable { .. } => Code::Unavailable,
+        StoreError::DigestMismatch { .. } => Code::DataLoss,
+        StoreError::NotFound { .. }
+        | StoreError::TooLarge { .. }
+        | StoreError::Grpc { .. }
+        | StoreError::Malformed { .. } => Code::Internal,
+    }
+}
+
+fn is_registry_failure(e: &Error) -> bool {
+    matches!(e, Error::Pull(p) if matches!(**p, PullError::Registry { .. }))
+}
+
+impl fmt::Debug for proto::AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("AuthConfig")
+            .field("username", &self.username)
+            .field("password", &set(&self.password))
+            .field("auth", &set(&self.auth))
+            .field("server_address", &self.server_address)
+            .field("identity_token", &set(&self.identity_token))
+            .field("registry_token", &set(&self.registry_token))
+            .finish()
+    }
+}
+
+pub fn request_auth(auth: Option<proto::AuthConfig>) -> Option<RequestAuth> {
+    let a = auth?;
+    let empty = a.username.is_empty()
+        && a.password.is_empty()
+        && a.auth.is_empty()
+        && a.identity_token.is_empty()
+        && a.registry_token.is_empty();
+    if empty {
+        return None;
+    }
+    Some(RequestAuth {
+        username: a.username,
+        password: a.password,
+        auth: a.auth,
+        server_address: a.server_address,
+        identity_token: a.identity_token,
+        registry_token: a.registry_token,
+    })
+}
+
+/// The image name in an ImageSpec; required.
+pub fn image_name(spec: Option<&proto::ImageSpec>) -> Result<&str, Error> {
+    match spec.map(|s| s.image.as_str()) {
+        Some(name) if !name.is_empty() => Ok(name),
+        _ => Err(Error::MissingField(
+            "image spec with a non-empty image name is required",
+        )),
+    }
+}
+
+pub fn image(view: &ImageView) -> proto::Image {
+    let (uid, username) = view.uid_or_username();
+    proto::Image {
+        id: view.id.to_string(),
+        repo_tags: view.repo_tags.clone(),
+        repo_digests: view.repo_digests.clone(),
+        size: view.size,
+        uid: uid.map(|value| proto::Int64Value { value }),
+        username,
+        spec: Some(proto::ImageSpec {
+            image: view.id.to_string(),
+            ..Default::default()
+        }),
+        pinned: view.pinned,
+    }
+}
+
+/// ImageStatus' verbose `info`: as containerd's CRI gives it, one key `info`
+/// holding JSON with the top layer's chain ID and the image config.
+pub fn verbose_info(view: &ImageView) -> HashMap<String, String> {
+    let info = serde_json::json!({
+        "chainID": view.chain_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+        "imageSpec": view.config,
+    });
+    HashMap::from([("info".to_string(), info.to_string())])
+}
+
+pub fn filesystem_usage(usage: &FsUsage, timestamp_ns: i64) -> proto::FilesystemUsage {
+    proto::FilesystemUsage {
+        timestamp: timestamp_ns,
+        fs_id: Some(proto::FilesystemIdentifier {
+            mountpoint: usage.mountpoint.clone(),
+        }),
+        used_bytes: Some(proto::UInt64Value {
+            value: usage.used_bytes,
+        }),
+        inodes_used: Some(proto::UInt64Value {
+            value: usage.inodes_used,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+
+    fn view(user: Option<&str>) -> ImageView {
+        ImageView {
+            id: Digest::of(b"config"),
+            repo_tags: vec!["127.0.0.1:5000/app:1".into()],
+            repo_digests: vec![],
+            size: 42,
+            user: user.map(Into::into),
+            pinned: false,
+            chain_id: Some(Digest::of(b"chain")),
+            config: serde_json::json!({"architecture": "amd64"}),
+            record_names: vec![],
+        }
+    }
+
+    #[test]
+    fn numeric_user_is_a_uid_and_a_name_is_a_username() {
+        let i = image(&view(Some("1000")));
+        assert_eq!(i.uid, Some(proto::Int64Value { value: 1000 }));
+        assert_eq!(i.username, "");
+        let i = image(&view(Some("nobody:nogroup")));
+        assert_eq!(i.uid, None);
+        assert_eq!(i.username, "nobody");
+        let i = image(&view(Some("0:0")));
+        assert_eq!(i.uid, Some(proto::Int64Value { value: 0 }));
+        let i = image(&view(None));
+        assert_eq!((i.uid, i.username.as_str()), (None, ""));
+    }
+
+    #[test]
+    fn verbose_info_has_chain_id_and_config() {
+        let info = verbose_info(&view(None));
+        let v: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+        assert_eq!(v["chainID"], Digest::of(b"chain").to_string());
+        assert_eq!(v["imageSpec"]["architecture"], "amd64");
+    }
+
+    #[test]
+    fn auth_config_debug_is_redacted() {
+        let a = proto::AuthConfig {
+            username: "u".into(),
+            password: "hunter2".into(),
+            auth: "c2VjcmV0".into(),
+            identity_token: "idtok".into(),
+            registry_token: "regtok".into(),
+            server_address: "r.io".into(),
+        };
+        let s = format!("{a:?}");
+        for secret in ["hunter2", "c2VjcmV0", "idtok", "regtok"] {
+            assert!(!s.contains(secret), "{s}");
+        }
+        let req = proto::PullImageRequest {
+            auth: Some(a),
+            ..Default::default()
+        };
+        assert!(!format!("{req:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn empty_auth_config_is_no_auth() {
+        assert_eq!(request_auth(Some(proto::AuthConfig::default())), None);
+        assert_eq!(request_auth(None), None);
+    }
+
+    #[test]
+    fn registry_unreachable_is_marked_for_kubelet() {
+        let e = Error::Pull(Arc::new(PullError::Registry {
+            image: "r.io/a:1".into(),
+            registry: "r.io".into(),
+            source: RegistryError::Unreachable {
+                host: "r.io".into(),
+                detail: "connection refused".into(),
+            },
+        }));
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().starts_with("RegistryUnavailable"),
+            "{}",
+            s.message()
+        );
+    }
+
+    #[test]
+    fn bad_reference_is_invalid_argument() {
+        let e = Error::from(crate::reference::Reference::parse("UPPER").unwrap_err());
+        assert_eq!(Status::from(e).code(), Code::InvalidArgument);
+    }
+}
