@@ -202,3 +202,151 @@ impl BlobBody {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::fake::{self, Fake, LAYER};
+    use crate::registry::{NotFound, RetryAfter};
+
+    /// Serves `LAYER`, honouring `Range` only when `honour_range`.
+    fn ranged(honour_range: bool) -> impl Fn(&fake::Seen) -> fake::Reply {
+        move |seen: &fake::Seen| {
+            let start = seen
+                .header("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok());
+            match start {
+                Some(s) if honour_range => fake::with_header(
+                    fake::reply(206, &LAYER[s..]),
+                    "content-range",
+                    &format!("bytes {s}-{}/{}", LAYER.len() - 1, LAYER.len()),
+                ),
+                _ => fake::reply(200, LAYER),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_and_verifies_a_whole_blob() {
+        let registry = Fake::start(fake::serve_image).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), LAYER);
+        assert_eq!(registry.seen()[0].header("range"), None);
+    }
+
+    #[tokio::test]
+    async fn resumes_with_range_when_honoured() {
+        let registry = Fake::start(ranged(true)).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
+        assert_eq!(registry.seen()[0].header("range"), Some("bytes=10-"));
+    }
+
+    #[tokio::test]
+    async fn resumes_by_skipping_when_range_ignored() {
+        let registry = Fake::start(ranged(false)).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
+    }
+
+    #[tokio::test]
+    async fn wrong_content_is_a_digest_mismatch() {
+        let mut evil = LAYER.to_vec();
+        evil[0] ^= 1;
+        let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, evil.clone())).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .unwrap();
+        let err = fake::collect(stream).await.unwrap_err();
+        assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn short_and_long_bodies_are_size_mismatches() {
+        for body in [&LAYER[..5], [LAYER, b"extra"].concat().as_slice()] {
+            let body = body.to_vec();
+            let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, body.clone())).await;
+            let stream = fake::client()
+                .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+                .await
+                .unwrap();
+            let err = fake::collect(stream).await.unwrap_err();
+            assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limit_carries_retry_after() {
+        let registry = Fake::start(|_: &fake::Seen| {
+            fake::with_header(
+                fake::error_reply(429, "TOOMANYREQUESTS", "slow down"),
+                "retry-after",
+                "17",
+            )
+        })
+        .await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        match &err {
+            RegistryError::TooManyRequests { retry_after, .. } => {
+                assert_eq!(
+                    *retry_after,
+                    Some(RetryAfter::Delay(Duration::from_secs(17)))
+                )
+            }
+            other => panic!("want TooManyRequests, got {other}"),
+        }
+        assert!(err.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn missing_blob_is_not_found_naming_the_blob() {
+        let registry = Fake::start(|_: &fake::Seen| fake::reply(404, "")).await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                &err,
+                RegistryError::NotFound {
+                    what: NotFound::Blob { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn offset_past_the_end_is_refused_without_a_request() {
+        let registry = Fake::start(fake::serve_image).await;
+        let d = fake::layer();
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &d, d.size + 1, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, RegistryError::OffsetBeyondEnd { .. }),
+            "{err}"
+        );
+        assert!(registry.seen().is_empty());
+    }
+}

@@ -690,4 +690,243 @@ mod tests {
         };
         assert_eq!(r.scopes().len(), 2);
     }
+
+    use crate::registry::fake::{self, Fake, Seen};
+    use crate::registry::{Credential, RegistryClient};
+    use std::sync::{Arc, Mutex};
+
+    fn alice() -> Credential {
+        Credential::Basic {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        }
+    }
+
+    fn basic_of(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    /// A token server (its own port, i.e. another host: delegated auth) and a
+    /// registry that wants its tokens. The registry accepts only the token in
+    /// `valid`, which the token server sets to each token it issues.
+    struct Delegated {
+        token: Fake,
+        registry: Fake,
+        valid: Arc<Mutex<String>>,
+    }
+
+    impl Delegated {
+        async fn start(allow_get: bool) -> Delegated {
+            let valid: Arc<Mutex<String>> = Arc::default();
+            let issued = Arc::new(Mutex::new(0u32));
+            let v = valid.clone();
+            let token = Fake::start(move |seen: &Seen| {
+                let body = String::from_utf8_lossy(&seen.body).into_owned();
+                let ok = match (seen.method.as_str(), seen.authorization()) {
+                    ("GET", _) if !allow_get => return fake::reply(405, ""),
+                    ("GET", Some(a)) => a == basic_of("alice", "s3cret"),
+                    ("GET", None) => true,
+                    ("POST", _) => {
+                        body.contains("grant_type=refresh_token&refresh_token=rt-1")
+                            || body.contains("grant_type=password&username=alice&password=s3cret")
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return fake::error_reply(401, "UNAUTHORIZED", "bad credentials");
+                }
+                let mut n = issued.lock().unwrap();
+                *n += 1;
+                let tok = format!("tok-{n}");
+                *v.lock().unwrap() = tok.clone();
+                // Both spellings occur in the wild; alternate to cover them.
+                let field = if *n % 2 == 1 { "token" } else { "access_token" };
+                fake::reply(200, format!(r#"{{"{field}":"{tok}","expires_in":300}}"#))
+            })
+            .await;
+            let realm = format!("http://{}/token", token.host());
+            let v = valid.clone();
+            let registry = Fake::start(move |seen: &Seen| {
+                let want = format!("Bearer {}", v.lock().unwrap());
+                if seen.authorization() == Some(want.as_str()) {
+                    return fake::serve_image(seen);
+                }
+                fake::with_header(
+                    fake::error_reply(401, "UNAUTHORIZED", "authentication required"),
+                    "www-authenticate",
+                    &format!(
+                        r#"Bearer realm="{realm}",service="fake",scope="repository:app:pull""#
+                    ),
+                )
+            })
+            .await;
+            Delegated {
+                token,
+                registry,
+                valid,
+            }
+        }
+    }
+
+    async fn pull(
+        client: &RegistryClient,
+        d: &Delegated,
+        credential: Option<&Credential>,
+    ) -> Result<(), RegistryError> {
+        let endpoint = fake::insecure(&d.registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", credential)
+            .await?;
+        let blob = client
+            .fetch_blob(&endpoint, "app", &fake::layer(), 0, credential)
+            .await?;
+        assert_eq!(fake::collect(blob).await?, fake::LAYER);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn bearer_token_fetched_with_basic_auth_and_cached() {
+        let d = Delegated::start(true).await;
+        pull(&fake::client(), &d, Some(&alice())).await.unwrap();
+        let token_requests = d.token.seen();
+        assert_eq!(
+            token_requests.len(),
+            1,
+            "the token cache saves a second round trip"
+        );
+        let t = &token_requests[0];
+        assert_eq!(t.method, Method::GET);
+        assert_eq!(
+            t.authorization(),
+            Some(basic_of("alice", "s3cret").as_str())
+        );
+        assert!(t.target.contains("service=fake"), "{}", t.target);
+        assert!(
+            t.target.contains("scope=repository%3Aapp%3Apull"),
+            "{}",
+            t.target
+        );
+        // Anonymous try, then the manifest with the token, then the blob with it.
+        let seen = d.registry.seen();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].authorization(), None);
+        assert_eq!(seen[2].authorization(), Some("Bearer tok-1"));
+    }
+
+    #[tokio::test]
+    async fn identity_token_uses_the_refresh_token_grant() {
+        let d = Delegated::start(true).await;
+        let cred = Credential::IdentityToken {
+            username: "<token>".into(),
+            token: "rt-1".into(),
+        };
+        pull(&fake::client(), &d, Some(&cred)).await.unwrap();
+        let t = &d.token.seen()[0];
+        assert_eq!(t.method, Method::POST);
+        assert_eq!(
+            t.header("content-type"),
+            Some("application/x-www-form-urlencoded")
+        );
+        let body = String::from_utf8_lossy(&t.body);
+        for part in [
+            "grant_type=refresh_token",
+            "refresh_token=rt-1",
+            "service=fake",
+            "scope=repository%3Aapp%3Apull",
+            "client_id=cri-imaged",
+        ] {
+            assert!(body.contains(part), "{part} missing from {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn password_grant_when_token_get_is_refused() {
+        let d = Delegated::start(false).await;
+        pull(&fake::client(), &d, Some(&alice())).await.unwrap();
+        let methods: Vec<Method> = d.token.seen().iter().map(|s| s.method.clone()).collect();
+        assert_eq!(methods, vec![Method::GET, Method::POST]);
+    }
+
+    #[tokio::test]
+    async fn anonymous_token_has_no_authorization() {
+        let d = Delegated::start(true).await;
+        pull(&fake::client(), &d, None).await.unwrap();
+        assert_eq!(d.token.seen()[0].authorization(), None);
+    }
+
+    #[tokio::test]
+    async fn registry_token_is_sent_without_a_challenge_round() {
+        let d = Delegated::start(true).await;
+        *d.valid.lock().unwrap() = "given-token".into();
+        let cred = Credential::RegistryToken("given-token".into());
+        pull(&fake::client(), &d, Some(&cred)).await.unwrap();
+        assert!(d.token.seen().is_empty());
+        assert_eq!(d.registry.seen().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn revoked_cached_token_is_dropped_and_renewed_once() {
+        let d = Delegated::start(true).await;
+        let client = fake::client();
+        pull(&client, &d, Some(&alice())).await.unwrap();
+        *d.valid.lock().unwrap() = "revoked".into();
+        pull(&client, &d, Some(&alice())).await.unwrap();
+        assert_eq!(d.token.seen().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn wrong_password_is_unauthorized_without_the_secret() {
+        let d = Delegated::start(true).await;
+        let cred = Credential::Basic {
+            username: "alice".into(),
+            password: "wrong-pw".into(),
+        };
+        let err = pull(&fake::client(), &d, Some(&cred)).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("wrong-pw"), "{text}");
+        assert!(text.contains(&d.registry.host()), "{text}");
+    }
+
+    #[tokio::test]
+    async fn basic_challenge_gets_basic_credentials() {
+        let want = basic_of("alice", "s3cret");
+        let registry = Fake::start(move |seen: &Seen| {
+            if seen.authorization() == Some(want.as_str()) {
+                return fake::serve_image(seen);
+            }
+            fake::with_header(
+                fake::error_reply(401, "UNAUTHORIZED", "login please"),
+                "www-authenticate",
+                r#"Basic realm="fake""#,
+            )
+        })
+        .await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", Some(&alice()))
+            .await
+            .unwrap();
+        // The host is known to want Basic now: no second 401 round.
+        client
+            .fetch_manifest(&endpoint, "app", "v1", Some(&alice()))
+            .await
+            .unwrap();
+        assert_eq!(registry.seen().len(), 3);
+        let err = client
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap_err();
+        match err {
+            RegistryError::Unauthorized { host, detail } => {
+                assert_eq!(host, registry.host());
+                assert!(detail.contains("login please"), "{detail}");
+            }
+            other => panic!("want Unauthorized, got {other}"),
+        }
+    }
 }

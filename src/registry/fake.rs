@@ -11,12 +11,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -53,6 +57,34 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Fake {
+        Fake::serve(None, handler).await
+    }
+
+    /// The same over TLS with the given certificate chain and key.
+    pub async fn start_tls(
+        tls: &TestCert,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Fake {
+        let certs = CertificateDer::pem_file_iter(&tls.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&tls.key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Fake::serve(Some(TlsAcceptor::from(Arc::new(config))), handler).await
+    }
+
+    async fn serve(
+        tls: Option<TlsAcceptor>,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -65,6 +97,7 @@ impl Fake {
                 };
                 let log = task_log.clone();
                 let handler = handler.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let log = log.clone();
@@ -91,10 +124,19 @@ impl Fake {
                             Ok::<_, Infallible>(reply)
                         }
                     });
-                    // Errors here are the client hanging up or speaking TLS to us.
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Errors here are the client hanging up or speaking the wrong
+                    // protocol to us; the test sees that from the client side.
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -108,14 +150,6 @@ impl Fake {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().clone()
-    }
-
-    /// How many requests went to a path starting with `prefix`.
-    pub fn hits(&self, prefix: &str) -> usize {
-        self.seen()
-            .iter()
-            .filter(|s| s.path().starts_with(prefix))
-            .count()
     }
 }
 
@@ -210,4 +244,42 @@ pub async fn collect(mut stream: super::BlobStream) -> Result<Vec<u8>, super::Re
         out.extend_from_slice(&chunk?);
     }
     Ok(out)
+}
+
+/// A self-signed certificate for `127.0.0.1`, made with the `openssl` tool.
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCert {
+    pub fn generate(dir: &Path) -> TestCert {
+        let cert = dir.join("server.crt");
+        let key = dir.join("server.key");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=fake-registry"])
+            // Not a CA: webpki refuses a CA certificate used as the server's own.
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the openssl tool is needed for TLS tests: apt-get install openssl");
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestCert { cert, key }
+    }
 }

@@ -562,4 +562,239 @@ mod tests {
         add_extra_cas(&mut roots, dir.path(), "r.example", Some(5000)).unwrap();
         assert!(roots.is_empty());
     }
+
+    use crate::registry::fake::{self, Fake, Seen};
+    use crate::registry::{Credential, Endpoint};
+
+    #[tokio::test]
+    async fn blob_redirect_to_another_host_drops_authorization() {
+        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("http://{}/bucket/layer?sig=abc", storage.host());
+        let registry = Fake::start(move |seen: &Seen| {
+            if seen.authorization() != Some("Bearer given") {
+                return fake::reply(401, "");
+            }
+            let r = fake::reply(307, "");
+            fake::with_header(r, "location", &location)
+        })
+        .await;
+        let cred = Credential::RegistryToken("given".into());
+        let stream = fake::client()
+            .fetch_blob(
+                &fake::insecure(&registry),
+                "app",
+                &fake::layer(),
+                0,
+                Some(&cred),
+            )
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
+        assert_eq!(registry.seen()[0].authorization(), Some("Bearer given"));
+        let at_storage = storage.seen();
+        assert_eq!(at_storage[0].target, "/bucket/layer?sig=abc");
+        assert_eq!(at_storage[0].authorization(), None);
+    }
+
+    #[tokio::test]
+    async fn same_origin_redirect_keeps_authorization() {
+        let registry = Fake::start(|seen: &Seen| {
+            if seen.authorization() != Some("Bearer given") {
+                return fake::reply(401, "");
+            }
+            if seen.path().starts_with("/v2/") {
+                return fake::with_header(fake::reply(302, ""), "location", "/local/layer");
+            }
+            fake::reply(200, fake::LAYER)
+        })
+        .await;
+        let cred = Credential::RegistryToken("given".into());
+        let stream = fake::client()
+            .fetch_blob(
+                &fake::insecure(&registry),
+                "app",
+                &fake::layer(),
+                0,
+                Some(&cred),
+            )
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
+        assert_eq!(registry.seen()[1].path(), "/local/layer");
+    }
+
+    #[tokio::test]
+    async fn endless_redirects_stop() {
+        let registry =
+            Fake::start(|_: &Seen| fake::with_header(fake::reply(302, ""), "location", "/again"))
+                .await;
+        let err = fake::client()
+            .fetch_manifest(&fake::insecure(&registry), "app", "v1", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::TooManyRedirects { .. }),
+            "{err}"
+        );
+        assert_eq!(registry.seen().len(), MAX_REDIRECTS + 1);
+    }
+
+    #[tokio::test]
+    async fn secure_endpoint_never_falls_back_to_http() {
+        let registry = Fake::start(fake::serve_image).await;
+        let endpoint = Endpoint {
+            host: registry.host(),
+            insecure: false,
+        };
+        let cred = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let err = fake::client()
+            .fetch_manifest(&endpoint, "app", "v1", Some(&cred))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.is_unavailable());
+        // The TLS hello is not HTTP, so the fake answered no request at all.
+        assert!(registry.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn insecure_endpoint_remembers_plain_http() {
+        let registry = Fake::start(fake::serve_image).await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap();
+        let url = client
+            .inner
+            .transport
+            .registry_url(&endpoint, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "http");
+        let secure = Endpoint {
+            insecure: false,
+            ..endpoint
+        };
+        let url = client
+            .inner
+            .transport
+            .registry_url(&secure, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "https");
+    }
+
+    #[tokio::test]
+    async fn unreachable_names_the_cause() {
+        // Bind then drop: nothing listens on this port any more.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let endpoint = Endpoint {
+            host: format!("127.0.0.1:{port}"),
+            insecure: true,
+        };
+        let err = fake::client()
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+
+    fn client_with_ca_dir(dir: &Path) -> crate::registry::RegistryClient {
+        crate::registry::RegistryClient::new(crate::registry::ClientSettings {
+            ca_dir: Some(dir.to_path_buf()),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn extra_ca_trusted_from_either_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let registry = Fake::start_tls(&cert, fake::serve_image).await;
+        let port = registry.addr.port();
+        let secure = Endpoint {
+            host: registry.host(),
+            insecure: false,
+        };
+
+        // No extra CA: the self-signed certificate is not trusted.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let err = client_with_ca_dir(&empty)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+
+        // OpenShift additionalTrustedCA style: `<host>..<port>`.
+        let openshift = tmp.path().join("openshift");
+        std::fs::create_dir(&openshift).unwrap();
+        std::fs::copy(&cert.cert, openshift.join(format!("127.0.0.1..{port}"))).unwrap();
+        client_with_ca_dir(&openshift)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap();
+
+        // certs.d style: `<host:port>/ca.crt`.
+        let certs_d = tmp.path().join("certs.d");
+        std::fs::create_dir_all(certs_d.join(format!("127.0.0.1:{port}"))).unwrap();
+        std::fs::copy(&cert.cert, certs_d.join(format!("127.0.0.1:{port}/ca.crt"))).unwrap();
+        client_with_ca_dir(&certs_d)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn insecure_endpoint_accepts_any_certificate_and_keeps_https() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let registry = Fake::start_tls(&cert, fake::serve_image).await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap();
+        let url = client
+            .inner
+            .transport
+            .registry_url(&endpoint, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "https");
+    }
+
+    #[tokio::test]
+    async fn https_to_http_redirect_is_refused_even_when_insecure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("http://{}/layer", storage.host());
+        let registry = Fake::start_tls(&cert, move |_: &Seen| {
+            fake::with_header(fake::reply(307, ""), "location", &location)
+        })
+        .await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, RegistryError::DowngradeRedirect { .. }),
+            "{err}"
+        );
+        assert!(storage.seen().is_empty());
+    }
 }
