@@ -1,5 +1,6 @@
 //! Credentials the registry client may present. `Debug` never shows a secret.
 
+use sha2::{Digest as _, Sha256};
 use std::fmt;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -41,6 +42,34 @@ impl Credential {
             Credential::RegistryToken(_) => "registrytoken",
         }
     }
+
+    /// A stable hash of the whole credential, used to key cached tokens so two
+    /// credentials never share one. It is a SHA-256 digest, never the secret itself.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        // Length-prefix each field so ("ab","c") and ("a","bc") differ.
+        let mut field = |s: &str| {
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s.as_bytes());
+        };
+        match self {
+            Credential::Basic { username, password } => {
+                field("basic");
+                field(username);
+                field(password);
+            }
+            Credential::IdentityToken { username, token } => {
+                field("identitytoken");
+                field(username);
+                field(token);
+            }
+            Credential::RegistryToken(token) => {
+                field("registrytoken");
+                field(token);
+            }
+        }
+        hex::encode(&h.finalize()[..16])
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +85,20 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
         let t = Credential::RegistryToken("tok-123".into());
         assert!(!format!("{t:?}").contains("tok-123"));
+    }
+
+    #[test]
+    fn fingerprints_differ_per_secret_and_hide_it() {
+        let a = Credential::Basic {
+            username: "u".into(),
+            password: "p1".into(),
+        };
+        let b = Credential::Basic {
+            username: "u".into(),
+            password: "p2".into(),
+        };
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert!(!a.fingerprint().contains("p1"));
     }
 }

@@ -7,19 +7,31 @@
 //! - `blob`: streaming blobs (ranged for resume), verified as they go by.
 //! - `credential`: the secrets we may send, redacted in `Debug`.
 //! - `error`: `RegistryError`, with the registry's JSON error codes parsed.
-//!
-//! STUB INTERFACE: the implementation is being written; signatures are the contract.
 
+mod blob;
+pub mod challenge;
 pub mod credential;
 pub mod error;
+mod manifest;
+mod transport;
+
+#[cfg(test)]
+mod fake;
 
 pub use credential::Credential;
-pub use error::RegistryError;
+pub use error::{ErrorCode, NotFound, RegistryError, RetryAfter};
 
 use crate::oci::Descriptor;
 use bytes::Bytes;
+use challenge::Authenticator;
+use error::Subject;
 use futures_util::stream::BoxStream;
+use http::{HeaderMap, StatusCode};
+use hyper::body::Incoming;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use transport::{Outgoing, Transport};
 
 /// Where and how to talk to one registry host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,54 +43,144 @@ pub struct Endpoint {
 }
 
 /// Settings for the whole client.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// Directory of extra CA PEM files: `<host>`, `<host>..<port>`, or `<host:port>/ca.crt`.
+    /// Directory of extra CA PEM files: `<host>`, `<host>..<port>`, or `<host:port>/*.crt`.
     pub ca_dir: Option<PathBuf>,
-    /// Sent as `User-Agent`.
+    /// Sent as `User-Agent`; empty means `cri-imaged/<version>`.
     pub user_agent: String,
+    /// Limit on establishing a TCP connection (TLS handshake excluded).
+    pub connect_timeout: Duration,
+    /// Longest wait for response headers or for the next piece of a body. There is
+    /// no whole-request limit: a large layer may take long, as long as it moves.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            ca_dir: None,
+            user_agent: String::new(),
+            connect_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// A manifest or index fetched from a registry, its bytes verified against its digest.
+/// `descriptor.media_type` is what the registry declared (or the body's `mediaType`).
 #[derive(Debug, Clone)]
 pub struct FetchedManifest {
     pub descriptor: Descriptor,
     pub body: Bytes,
 }
 
-/// A blob body arriving in chunks. When started at offset 0 the stream checks the
-/// digest at the end and yields `RegistryError::DigestMismatch` instead of ending.
+/// A blob body arriving in chunks. When started at offset 0 (or when the registry
+/// ignored the range and sent it whole) the stream checks the digest at the end and
+/// yields `RegistryError::DigestMismatch` instead of ending; a body longer or shorter
+/// than the descriptor's size yields `RegistryError::SizeMismatch`.
 pub type BlobStream = BoxStream<'static, Result<Bytes, RegistryError>>;
 
+/// The registry client; cheap to clone, shares its connections and token cache.
 #[derive(Clone)]
-pub struct RegistryClient {}
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    auth: Authenticator,
+}
 
 impl RegistryClient {
-    pub fn new(_settings: ClientSettings) -> Result<Self, RegistryError> {
-        todo!("registry client")
+    pub fn new(settings: ClientSettings) -> Result<Self, RegistryError> {
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                transport: Transport::new(&settings)?,
+                auth: Authenticator::default(),
+            }),
+        })
     }
 
-    /// Resolves `reference` (a tag or a `sha256:` digest) in `repository` to its
-    /// manifest or index (GET with the manifest Accept header).
-    pub async fn fetch_manifest(
+    /// GETs `path` on the endpoint, authenticating as the registry asks: a first try
+    /// with what we already hold, then, on a 401, one more with what the challenge
+    /// wants. Any non-2xx answer left after that becomes a `RegistryError`.
+    #[tracing::instrument(level = "debug", skip(self, headers, credential, subject), fields(host = %endpoint.host))]
+    async fn get(
         &self,
-        _endpoint: &Endpoint,
-        _repository: &str,
-        _reference: &str,
-        _credential: Option<&Credential>,
-    ) -> Result<FetchedManifest, RegistryError> {
-        todo!()
+        endpoint: &Endpoint,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+        credential: Option<&Credential>,
+        subject: &Subject,
+    ) -> Result<http::Response<Incoming>, RegistryError> {
+        let transport = &self.inner.transport;
+        let url = transport.registry_url(endpoint, path)?;
+        let (mut authorization, source) = self
+            .inner
+            .auth
+            .initial(transport, endpoint, repository, credential)
+            .await?;
+        let mut retried = false;
+        loop {
+            let req = Outgoing::get(headers.clone(), authorization.clone());
+            let response = transport.send(endpoint, url.clone(), &req).await?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !retried {
+                retried = true;
+                let next = self
+                    .inner
+                    .auth
+                    .after_unauthorized(
+                        transport,
+                        endpoint,
+                        repository,
+                        credential,
+                        source,
+                        response.headers(),
+                    )
+                    .await?;
+                // Retry only with something new to offer: the same request would
+                // fail the same way.
+                if next.is_some() && next != authorization {
+                    tracing::debug!("answering the registry's challenge");
+                    authorization = next;
+                    continue;
+                }
+            }
+            if status.is_success() {
+                return Ok(response);
+            }
+            return Err(self.error_from(endpoint, response, subject).await);
+        }
     }
 
-    /// Streams a blob from `offset` (a `Range` request when non-zero).
-    pub async fn fetch_blob(
+    async fn error_from(
         &self,
-        _endpoint: &Endpoint,
-        _repository: &str,
-        _descriptor: &Descriptor,
-        _offset: u64,
-        _credential: Option<&Credential>,
-    ) -> Result<BlobStream, RegistryError> {
-        todo!()
+        endpoint: &Endpoint,
+        response: http::Response<Incoming>,
+        subject: &Subject,
+    ) -> RegistryError {
+        /// Enough for any registry error document; the rest is not read.
+        const MAX_ERROR_BODY: usize = 64 * 1024;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let bytes = match transport::read_capped(
+            &mut body,
+            MAX_ERROR_BODY,
+            self.inner.transport.idle_timeout(),
+            &endpoint.host,
+        )
+        .await
+        {
+            Ok((b, _)) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the error body");
+                Bytes::new()
+            }
+        };
+        error::from_status(&endpoint.host, status, &headers, &bytes, subject)
     }
 }

@@ -1,0 +1,352 @@
+//! Streaming blobs: ranged GETs for resume, frames passed on as they arrive (never
+//! buffered whole), size and digest checked on the way.
+
+use super::error::Subject;
+use super::transport::next_data;
+use super::{BlobStream, Credential, Endpoint, RegistryClient, RegistryError};
+use crate::digest::{Digest, Verifier};
+use crate::oci::Descriptor;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{HeaderValue, CONTENT_RANGE, RANGE};
+use http::{HeaderMap, StatusCode};
+use hyper::body::Incoming;
+use std::time::Duration;
+
+impl RegistryClient {
+    /// Streams a blob from `offset` (a `Range` request when non-zero). A registry that
+    /// ignores the range is handled: its leading `offset` bytes are dropped here.
+    #[tracing::instrument(skip(self, descriptor, credential), fields(host = %endpoint.host, digest = %descriptor.digest, size = descriptor.size, auth = credential.map(Credential::kind).unwrap_or("anonymous")))]
+    pub async fn fetch_blob(
+        &self,
+        endpoint: &Endpoint,
+        repository: &str,
+        descriptor: &Descriptor,
+        offset: u64,
+        credential: Option<&Credential>,
+    ) -> Result<BlobStream, RegistryError> {
+        let digest = descriptor.digest.clone();
+        let size = descriptor.size;
+        if offset > size {
+            return Err(RegistryError::OffsetBeyondEnd {
+                digest,
+                offset,
+                size,
+            });
+        }
+        if offset == size && offset > 0 {
+            // Nothing left to send; a `Range: bytes=size-` would only earn a 416.
+            return Ok(futures_util::stream::empty().boxed());
+        }
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            let range = HeaderValue::from_str(&format!("bytes={offset}-")).map_err(|e| {
+                RegistryError::BadResponse {
+                    host: endpoint.host.clone(),
+                    detail: format!("cannot build Range header: {e}"),
+                }
+            })?;
+            headers.insert(RANGE, range);
+        }
+        let subject = Subject::Blob {
+            repository: repository.to_string(),
+            digest: digest.clone(),
+        };
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let response = self
+            .get(endpoint, repository, &path, headers, credential, &subject)
+            .await?;
+        let status = response.status();
+        let state = if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
+            check_content_range(&endpoint.host, response.headers(), offset)?;
+            BlobBody::new(response.into_body(), &endpoint.host, digest, size, offset)
+                .idle(self.inner.transport.idle_timeout())
+        } else if status == StatusCode::OK {
+            if offset > 0 {
+                tracing::debug!(offset, "registry ignored the range; skipping the head");
+            }
+            // The whole blob comes anyway, so it can be verified whole.
+            let mut b = BlobBody::new(response.into_body(), &endpoint.host, digest, size, 0)
+                .idle(self.inner.transport.idle_timeout());
+            b.skip = offset;
+            b.verifier = Some(Verifier::new());
+            b
+        } else {
+            return Err(RegistryError::BadResponse {
+                host: endpoint.host.clone(),
+                detail: format!("blob GET answered {status}, expected 200 or 206"),
+            });
+        };
+        Ok(futures_util::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            match st.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), st)),
+                Ok(None) => None,
+                Err(e) => {
+                    st.done = true;
+                    Some((Err(e), st))
+                }
+            }
+        })
+        .boxed())
+    }
+}
+
+/// A 206 must start where we asked; anything else would splice wrong bytes in.
+fn check_content_range(host: &str, headers: &HeaderMap, offset: u64) -> Result<(), RegistryError> {
+    let Some(value) = headers.get(CONTENT_RANGE) else {
+        tracing::debug!("206 without Content-Range; trusting it starts at the offset");
+        return Ok(());
+    };
+    let start = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match start {
+        Some(s) if s == offset => Ok(()),
+        _ => Err(RegistryError::BadResponse {
+            host: host.to_string(),
+            detail: format!(
+                "Content-Range {value:?} does not start at the requested offset {offset}"
+            ),
+        }),
+    }
+}
+
+struct BlobBody {
+    body: Incoming,
+    host: String,
+    digest: Digest,
+    size: u64,
+    /// Blob offset of the next byte off the wire.
+    position: u64,
+    /// Bytes still to drop before handing data on (a range the registry ignored).
+    skip: u64,
+    /// Present when the body starts at byte 0, so the whole blob passes through it.
+    verifier: Option<Verifier>,
+    idle: Duration,
+    done: bool,
+}
+
+impl BlobBody {
+    fn new(body: Incoming, host: &str, digest: Digest, size: u64, start: u64) -> Self {
+        BlobBody {
+            body,
+            host: host.to_string(),
+            verifier: (start == 0).then(Verifier::new),
+            digest,
+            size,
+            position: start,
+            skip: 0,
+            idle: Duration::from_secs(300),
+            done: false,
+        }
+    }
+
+    fn idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// The next non-empty chunk to hand on, `None` after a verified end.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
+        loop {
+            let Some(mut chunk) = next_data(&mut self.body, self.idle, &self.host).await? else {
+                return self.finish().map(|()| None);
+            };
+            self.position += chunk.len() as u64;
+            if self.position > self.size {
+                return Err(RegistryError::SizeMismatch {
+                    digest: self.digest.clone(),
+                    expected: self.size,
+                    received: self.position,
+                });
+            }
+            if let Some(v) = &mut self.verifier {
+                v.update(&chunk);
+            }
+            if self.skip > 0 {
+                let drop = self.skip.min(chunk.len() as u64);
+                self.skip -= drop;
+                // `drop` <= chunk.len(), so the conversion cannot truncate.
+                chunk = chunk.slice(drop as usize..);
+            }
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), RegistryError> {
+        self.done = true;
+        if self.position != self.size {
+            return Err(RegistryError::SizeMismatch {
+                digest: self.digest.clone(),
+                expected: self.size,
+                received: self.position,
+            });
+        }
+        if let Some(v) = self.verifier.take() {
+            let actual = v.finish();
+            if actual != self.digest {
+                return Err(RegistryError::DigestMismatch {
+                    expected: self.digest.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::fake::{self, Fake, LAYER};
+    use crate::registry::{NotFound, RetryAfter};
+
+    /// Serves `LAYER`, honouring `Range` only when `honour_range`.
+    fn ranged(honour_range: bool) -> impl Fn(&fake::Seen) -> fake::Reply {
+        move |seen: &fake::Seen| {
+            let start = seen
+                .header("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok());
+            match start {
+                Some(s) if honour_range => fake::with_header(
+                    fake::reply(206, &LAYER[s..]),
+                    "content-range",
+                    &format!("bytes {s}-{}/{}", LAYER.len() - 1, LAYER.len()),
+                ),
+                _ => fake::reply(200, LAYER),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_and_verifies_a_whole_blob() {
+        let registry = Fake::start(fake::serve_image).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), LAYER);
+        assert_eq!(registry.seen()[0].header("range"), None);
+    }
+
+    #[tokio::test]
+    async fn resumes_with_range_when_honoured() {
+        let registry = Fake::start(ranged(true)).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
+        assert_eq!(registry.seen()[0].header("range"), Some("bytes=10-"));
+    }
+
+    #[tokio::test]
+    async fn resumes_by_skipping_when_range_ignored() {
+        let registry = Fake::start(ranged(false)).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
+    }
+
+    #[tokio::test]
+    async fn wrong_content_is_a_digest_mismatch() {
+        let mut evil = LAYER.to_vec();
+        evil[0] ^= 1;
+        let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, evil.clone())).await;
+        let stream = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .unwrap();
+        let err = fake::collect(stream).await.unwrap_err();
+        assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn short_and_long_bodies_are_size_mismatches() {
+        for body in [&LAYER[..5], [LAYER, b"extra"].concat().as_slice()] {
+            let body = body.to_vec();
+            let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, body.clone())).await;
+            let stream = fake::client()
+                .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+                .await
+                .unwrap();
+            let err = fake::collect(stream).await.unwrap_err();
+            assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_limit_carries_retry_after() {
+        let registry = Fake::start(|_: &fake::Seen| {
+            fake::with_header(
+                fake::error_reply(429, "TOOMANYREQUESTS", "slow down"),
+                "retry-after",
+                "17",
+            )
+        })
+        .await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        match &err {
+            RegistryError::TooManyRequests { retry_after, .. } => {
+                assert_eq!(
+                    *retry_after,
+                    Some(RetryAfter::Delay(Duration::from_secs(17)))
+                )
+            }
+            other => panic!("want TooManyRequests, got {other}"),
+        }
+        assert!(err.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn missing_blob_is_not_found_naming_the_blob() {
+        let registry = Fake::start(|_: &fake::Seen| fake::reply(404, "")).await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                &err,
+                RegistryError::NotFound {
+                    what: NotFound::Blob { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn offset_past_the_end_is_refused_without_a_request() {
+        let registry = Fake::start(fake::serve_image).await;
+        let d = fake::layer();
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &d, d.size + 1, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, RegistryError::OffsetBeyondEnd { .. }),
+            "{err}"
+        );
+        assert!(registry.seen().is_empty());
+    }
+}

@@ -1,0 +1,800 @@
+//! HTTP(S) to registries: one hyper client per host (system roots plus that host's
+//! extra CAs), redirects followed by hand so `Authorization` never leaves its origin,
+//! and plain HTTP only for endpoints configured insecure.
+
+use super::error::{cause_chain, RegistryError};
+use super::{ClientSettings, Endpoint};
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, AUTHORIZATION, LOCATION, USER_AGENT};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use url::Url;
+
+/// Redirects followed for one request (blob GETs go registry → storage, sometimes
+/// through a CDN hop or two).
+pub(crate) const MAX_REDIRECTS: usize = 5;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One request as the caller wants it sent; the transport adds `User-Agent` and
+/// carries `authorization` only as far as the origin it was meant for.
+pub(crate) struct Outgoing {
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub authorization: Option<HeaderValue>,
+}
+
+impl Outgoing {
+    pub fn get(headers: HeaderMap, authorization: Option<HeaderValue>) -> Self {
+        Outgoing {
+            method: Method::GET,
+            headers,
+            body: Bytes::new(),
+            authorization,
+        }
+    }
+}
+
+pub(crate) struct Transport {
+    user_agent: HeaderValue,
+    ca_dir: Option<PathBuf>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    provider: Arc<CryptoProvider>,
+    /// Loaded once: reading the system store is slow and it does not change under us.
+    system_roots: Arc<RootCertStore>,
+    /// Keyed by (authority, verify certificates).
+    clients: Mutex<HashMap<(String, bool), HttpsClient>>,
+    /// Insecure endpoints that turned out not to speak TLS.
+    plain_http: Mutex<HashSet<String>>,
+}
+
+/// Why one hop failed, before it becomes a `RegistryError`.
+enum HopError {
+    Setup(RegistryError),
+    Http(hyper_util::client::legacy::Error),
+    NoResponse(Duration),
+}
+
+impl Transport {
+    pub fn new(settings: &ClientSettings) -> Result<Self, RegistryError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(error = %err, "some system CA certificates could not be loaded");
+        }
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "loaded system CA certificates");
+        let agent = if settings.user_agent.is_empty() {
+            concat!("cri-imaged/", env!("CARGO_PKG_VERSION")).to_string()
+        } else {
+            settings.user_agent.clone()
+        };
+        let user_agent = HeaderValue::from_str(&agent).unwrap_or_else(|_| {
+            tracing::warn!("configured user agent is not a valid header value; using the default");
+            HeaderValue::from_static(concat!("cri-imaged/", env!("CARGO_PKG_VERSION")))
+        });
+        Ok(Transport {
+            user_agent,
+            ca_dir: settings.ca_dir.clone(),
+            connect_timeout: settings.connect_timeout,
+            idle_timeout: settings.idle_timeout,
+            provider,
+            system_roots: Arc::new(roots),
+            clients: Mutex::new(HashMap::new()),
+            plain_http: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The URL of `path` on the endpoint: HTTPS, unless the endpoint is insecure and
+    /// was found earlier to speak only plain HTTP.
+    pub fn registry_url(&self, endpoint: &Endpoint, path: &str) -> Result<Url, RegistryError> {
+        let plain = endpoint.insecure
+            && self
+                .plain_http
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&endpoint.host);
+        let scheme = if plain { "http" } else { "https" };
+        let text = format!("{scheme}://{}{path}", endpoint.host);
+        Url::parse(&text).map_err(|source| RegistryError::InvalidUrl {
+            what: format!("{}{path}", endpoint.host),
+            source,
+        })
+    }
+
+    /// Sends `req` to `url`, following redirects. For an insecure endpoint whose
+    /// HTTPS connection fails, retries once over plain HTTP and remembers that.
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint,
+        mut url: Url,
+        req: &Outgoing,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let mut method = req.method.clone();
+        let mut body = req.body.clone();
+        let mut authorization = req.authorization.clone();
+        for hop in 0..=MAX_REDIRECTS {
+            if url.scheme() != "https" && !endpoint.insecure {
+                return Err(RegistryError::InsecureUrl {
+                    host: endpoint.host.clone(),
+                    url: redacted(&url),
+                });
+            }
+            let sent = self
+                .send_once(&url, endpoint.insecure, &method, req, &body, &authorization)
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(HopError::Http(e))
+                    if hop == 0
+                        && e.is_connect()
+                        && endpoint.insecure
+                        && url.scheme() == "https"
+                        && authority(&url) == endpoint.host =>
+                {
+                    let https_detail = cause_chain(&e);
+                    tracing::debug!(host = %endpoint.host, error = %https_detail,
+                        "HTTPS failed on an insecure registry; trying plain HTTP");
+                    let mut plain = url.clone();
+                    // Cannot fail: both are special schemes.
+                    let _ = plain.set_scheme("http");
+                    let r = self
+                        .send_once(&plain, true, &method, req, &body, &authorization)
+                        .await
+                        .map_err(|e| {
+                            let mut err = hop_error(&plain, e);
+                            if let RegistryError::Unreachable { detail, .. } = &mut err {
+                                *detail = format!("HTTPS: {https_detail}; plain HTTP: {detail}");
+                            }
+                            err
+                        })?;
+                    tracing::info!(host = %endpoint.host, "insecure registry speaks plain HTTP; using it from now on");
+                    self.plain_http
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(endpoint.host.clone());
+                    url = plain;
+                    r
+                }
+                Err(e) => return Err(hop_error(&url, e)),
+            };
+            let status = response.status();
+            if !is_followed_redirect(status) {
+                return Ok(response);
+            }
+            let next = redirect_target(&url, response.headers())?;
+            if url.scheme() == "https" && next.scheme() != "https" {
+                return Err(RegistryError::DowngradeRedirect {
+                    host: endpoint.host.clone(),
+                    url: redacted(&next),
+                });
+            }
+            if authorization.is_some() && !same_origin(&url, &next) {
+                tracing::debug!(from = %authority(&url), to = %authority(&next),
+                    "redirect leaves the origin; dropping Authorization");
+                authorization = None;
+            }
+            // 301/302/303 turn a POST into a GET (RFC 9110 15.4); 307/308 keep it.
+            if matches!(
+                status,
+                StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND | StatusCode::SEE_OTHER
+            ) && method != Method::GET
+                && method != Method::HEAD
+            {
+                method = Method::GET;
+                body = Bytes::new();
+            }
+            tracing::debug!(status = status.as_u16(), to = %redacted(&next), "following redirect");
+            url = next;
+        }
+        Err(RegistryError::TooManyRedirects {
+            host: endpoint.host.clone(),
+            limit: MAX_REDIRECTS,
+        })
+    }
+
+    async fn send_once(
+        &self,
+        url: &Url,
+        insecure: bool,
+        method: &Method,
+        req: &Outgoing,
+        body: &Bytes,
+        authorization: &Option<HeaderValue>,
+    ) -> Result<Response<Incoming>, HopError> {
+        let client = self.client_for(url, !insecure).map_err(HopError::Setup)?;
+        let uri: Uri = url.as_str().parse().map_err(|source| {
+            HopError::Setup(RegistryError::BadResponse {
+                host: authority(url),
+                detail: format!("URL {} is not a valid request URI: {source}", redacted(url)),
+            })
+        })?;
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(Full::new(body.clone()))
+            .map_err(|source| {
+                HopError::Setup(RegistryError::BadResponse {
+                    host: authority(url),
+                    detail: format!("cannot build request: {source}"),
+                })
+            })?;
+        let headers = request.headers_mut();
+        for (name, value) in &req.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        headers.insert(USER_AGENT, self.user_agent.clone());
+        if let Some(auth) = authorization {
+            let mut auth = auth.clone();
+            auth.set_sensitive(true);
+            headers.insert(AUTHORIZATION, auth);
+        }
+        match tokio::time::timeout(self.idle_timeout, client.request(request)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(HopError::Http(e)),
+            Err(_) => Err(HopError::NoResponse(self.idle_timeout)),
+        }
+    }
+
+    fn client_for(&self, url: &Url, verify: bool) -> Result<HttpsClient, RegistryError> {
+        let key = (authority(url), verify);
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(c.clone());
+        }
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let tls = if verify {
+            let mut roots = (*self.system_roots).clone();
+            if let Some(dir) = &self.ca_dir {
+                let host = url.host_str().unwrap_or_default();
+                add_extra_cas(&mut roots, dir, host, url.port())?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(
+                    self.provider.clone(),
+                )))
+                .with_no_client_auth()
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(self.connect_timeout));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client: HttpsClient = Client::builder(TokioExecutor::new()).build(connector);
+        self.clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+fn hop_error(url: &Url, e: HopError) -> RegistryError {
+    match e {
+        HopError::Setup(e) => e,
+        HopError::Http(e) => RegistryError::Unreachable {
+            host: authority(url),
+            detail: cause_chain(&e),
+        },
+        HopError::NoResponse(after) => RegistryError::Unreachable {
+            host: authority(url),
+            detail: format!("no response within {} s", after.as_secs()),
+        },
+    }
+}
+
+fn is_followed_redirect(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::MOVED_PERMANENTLY
+            | StatusCode::FOUND
+            | StatusCode::SEE_OTHER
+            | StatusCode::TEMPORARY_REDIRECT
+            | StatusCode::PERMANENT_REDIRECT
+    )
+}
+
+fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, RegistryError> {
+    let bad = |detail: String| RegistryError::BadResponse {
+        host: authority(from),
+        detail,
+    };
+    let location = headers
+        .get(LOCATION)
+        .ok_or_else(|| bad("redirect without a Location header".into()))?
+        .to_str()
+        .map_err(|e| bad(format!("redirect Location is not text: {e}")))?;
+    let next = from
+        .join(location)
+        .map_err(|e| bad(format!("redirect Location is not a URL: {e}")))?;
+    if next.scheme() != "http" && next.scheme() != "https" {
+        return Err(bad(format!(
+            "redirect to unsupported scheme {}",
+            next.scheme()
+        )));
+    }
+    Ok(next)
+}
+
+/// `host` or `host:port` as written in the URL (default ports omitted, as `Url` does).
+pub(crate) fn authority(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// A URL for logs and errors: storage redirects carry signed query strings that act
+/// as short-lived credentials, so the query and any userinfo are left out.
+pub(crate) fn redacted(url: &Url) -> String {
+    format!("{}://{}{}", url.scheme(), authority(url), url.path())
+}
+
+/// Adds the extra CAs for `host[:port]` found in `dir`: a PEM file named `host` or
+/// `host..port` (OpenShift's additionalTrustedCA keys), and every `*.crt` in the
+/// `certs.d`-style directory `host` or `host:port`.
+fn add_extra_cas(
+    roots: &mut RootCertStore,
+    dir: &Path,
+    host: &str,
+    port: Option<u16>,
+) -> Result<(), RegistryError> {
+    let (file_name, dir_name) = match port {
+        Some(p) => (format!("{host}..{p}"), format!("{host}:{p}")),
+        None => (host.to_string(), host.to_string()),
+    };
+    let mut files = Vec::new();
+    let file = dir.join(&file_name);
+    if file.is_file() {
+        files.push(file);
+    }
+    let certs_d = dir.join(&dir_name);
+    if certs_d.is_dir() {
+        let entries = std::fs::read_dir(&certs_d).map_err(|e| RegistryError::TrustStore {
+            host: dir_name.clone(),
+            path: certs_d.display().to_string(),
+            source: rustls_pki_types::pem::Error::Io(e),
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "crt") && p.is_file())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    for path in files {
+        let certs = CertificateDer::pem_file_iter(&path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| RegistryError::TrustStore {
+                host: dir_name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (added, ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 || ignored > 0 {
+            tracing::warn!(path = %path.display(), added, ignored,
+                "extra CA file held unusable certificates");
+        } else {
+            tracing::debug!(path = %path.display(), added, "trusting extra CAs");
+        }
+    }
+    Ok(())
+}
+
+/// The certificate "verifier" for insecure endpoints: accepts any certificate but
+/// still checks handshake signatures, so the session itself is sound.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The next data frame of `body`, skipping trailers; `None` at the end. Waiting longer
+/// than `idle` for a frame is an interruption: a stalled connection must not hang a pull.
+pub(crate) async fn next_data(
+    body: &mut Incoming,
+    idle: Duration,
+    host: &str,
+) -> Result<Option<Bytes>, RegistryError> {
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(RegistryError::Interrupted {
+                    host: host.to_string(),
+                    detail: format!("no data for {} s", idle.as_secs()),
+                })
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => {
+                return Err(RegistryError::Interrupted {
+                    host: host.to_string(),
+                    detail: cause_chain(&e),
+                })
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+/// Reads at most `limit` bytes of `body`. Returns the bytes and whether more followed.
+pub(crate) async fn read_capped(
+    body: &mut Incoming,
+    limit: usize,
+    idle: Duration,
+    host: &str,
+) -> Result<(Bytes, bool), RegistryError> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = next_data(body, idle, host).await? {
+        if buf.len() + chunk.len() > limit {
+            let room = limit - buf.len();
+            buf.extend_from_slice(&chunk[..room]);
+            return Ok((buf.freeze(), true));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf.freeze(), false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_compares_scheme_host_and_port() {
+        let a = Url::parse("https://r.example/v2/").unwrap();
+        assert!(same_origin(
+            &a,
+            &Url::parse("https://r.example:443/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://r.example:5000/x").unwrap()
+        ));
+        assert!(!same_origin(&a, &Url::parse("http://r.example/x").unwrap()));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://s.example/x").unwrap()
+        ));
+    }
+
+    #[test]
+    fn redacted_url_drops_signed_query() {
+        let u = Url::parse("https://u:p@s.example:9000/b/x?X-Amz-Signature=abc").unwrap();
+        assert_eq!(redacted(&u), "https://s.example:9000/b/x");
+    }
+
+    #[test]
+    fn extra_cas_found_in_both_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a certificate: parsing must find no PEM sections and add nothing, but
+        // reading must succeed and a certs.d directory must be looked into.
+        std::fs::write(dir.path().join("r.example..5000"), "").unwrap();
+        std::fs::create_dir(dir.path().join("r.example:5000")).unwrap();
+        std::fs::write(dir.path().join("r.example:5000/ca.crt"), "").unwrap();
+        let mut roots = RootCertStore::empty();
+        add_extra_cas(&mut roots, dir.path(), "r.example", Some(5000)).unwrap();
+        assert!(roots.is_empty());
+    }
+
+    use crate::registry::fake::{self, Fake, Seen};
+    use crate::registry::{Credential, Endpoint};
+
+    #[tokio::test]
+    async fn blob_redirect_to_another_host_drops_authorization() {
+        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("http://{}/bucket/layer?sig=abc", storage.host());
+        let registry = Fake::start(move |seen: &Seen| {
+            if seen.authorization() != Some("Bearer given") {
+                return fake::reply(401, "");
+            }
+            let r = fake::reply(307, "");
+            fake::with_header(r, "location", &location)
+        })
+        .await;
+        let cred = Credential::RegistryToken("given".into());
+        let stream = fake::client()
+            .fetch_blob(
+                &fake::insecure(&registry),
+                "app",
+                &fake::layer(),
+                0,
+                Some(&cred),
+            )
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
+        assert_eq!(registry.seen()[0].authorization(), Some("Bearer given"));
+        let at_storage = storage.seen();
+        assert_eq!(at_storage[0].target, "/bucket/layer?sig=abc");
+        assert_eq!(at_storage[0].authorization(), None);
+    }
+
+    #[tokio::test]
+    async fn same_origin_redirect_keeps_authorization() {
+        let registry = Fake::start(|seen: &Seen| {
+            if seen.authorization() != Some("Bearer given") {
+                return fake::reply(401, "");
+            }
+            if seen.path().starts_with("/v2/") {
+                return fake::with_header(fake::reply(302, ""), "location", "/local/layer");
+            }
+            fake::reply(200, fake::LAYER)
+        })
+        .await;
+        let cred = Credential::RegistryToken("given".into());
+        let stream = fake::client()
+            .fetch_blob(
+                &fake::insecure(&registry),
+                "app",
+                &fake::layer(),
+                0,
+                Some(&cred),
+            )
+            .await
+            .unwrap();
+        assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
+        assert_eq!(registry.seen()[1].path(), "/local/layer");
+    }
+
+    #[tokio::test]
+    async fn endless_redirects_stop() {
+        let registry =
+            Fake::start(|_: &Seen| fake::with_header(fake::reply(302, ""), "location", "/again"))
+                .await;
+        let err = fake::client()
+            .fetch_manifest(&fake::insecure(&registry), "app", "v1", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::TooManyRedirects { .. }),
+            "{err}"
+        );
+        assert_eq!(registry.seen().len(), MAX_REDIRECTS + 1);
+    }
+
+    #[tokio::test]
+    async fn secure_endpoint_never_falls_back_to_http() {
+        let registry = Fake::start(fake::serve_image).await;
+        let endpoint = Endpoint {
+            host: registry.host(),
+            insecure: false,
+        };
+        let cred = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let err = fake::client()
+            .fetch_manifest(&endpoint, "app", "v1", Some(&cred))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.is_unavailable());
+        // The TLS hello is not HTTP, so the fake answered no request at all.
+        assert!(registry.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn insecure_endpoint_remembers_plain_http() {
+        let registry = Fake::start(fake::serve_image).await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap();
+        let url = client
+            .inner
+            .transport
+            .registry_url(&endpoint, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "http");
+        let secure = Endpoint {
+            insecure: false,
+            ..endpoint
+        };
+        let url = client
+            .inner
+            .transport
+            .registry_url(&secure, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "https");
+    }
+
+    #[tokio::test]
+    async fn unreachable_names_the_cause() {
+        // Bind then drop: nothing listens on this port any more.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let endpoint = Endpoint {
+            host: format!("127.0.0.1:{port}"),
+            insecure: true,
+        };
+        let err = fake::client()
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+
+    fn client_with_ca_dir(dir: &Path) -> crate::registry::RegistryClient {
+        crate::registry::RegistryClient::new(crate::registry::ClientSettings {
+            ca_dir: Some(dir.to_path_buf()),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn extra_ca_trusted_from_either_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let registry = Fake::start_tls(&cert, fake::serve_image).await;
+        let port = registry.addr.port();
+        let secure = Endpoint {
+            host: registry.host(),
+            insecure: false,
+        };
+
+        // No extra CA: the self-signed certificate is not trusted.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let err = client_with_ca_dir(&empty)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+
+        // OpenShift additionalTrustedCA style: `<host>..<port>`.
+        let openshift = tmp.path().join("openshift");
+        std::fs::create_dir(&openshift).unwrap();
+        std::fs::copy(&cert.cert, openshift.join(format!("127.0.0.1..{port}"))).unwrap();
+        client_with_ca_dir(&openshift)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap();
+
+        // certs.d style: `<host:port>/ca.crt`.
+        let certs_d = tmp.path().join("certs.d");
+        std::fs::create_dir_all(certs_d.join(format!("127.0.0.1:{port}"))).unwrap();
+        std::fs::copy(&cert.cert, certs_d.join(format!("127.0.0.1:{port}/ca.crt"))).unwrap();
+        client_with_ca_dir(&certs_d)
+            .fetch_manifest(&secure, "app", "v1", None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn insecure_endpoint_accepts_any_certificate_and_keeps_https() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let registry = Fake::start_tls(&cert, fake::serve_image).await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        client
+            .fetch_manifest(&endpoint, "app", "v1", None)
+            .await
+            .unwrap();
+        let url = client
+            .inner
+            .transport
+            .registry_url(&endpoint, "/v2/")
+            .unwrap();
+        assert_eq!(url.scheme(), "https");
+    }
+
+    #[tokio::test]
+    async fn https_to_http_redirect_is_refused_even_when_insecure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("http://{}/layer", storage.host());
+        let registry = Fake::start_tls(&cert, move |_: &Seen| {
+            fake::with_header(fake::reply(307, ""), "location", &location)
+        })
+        .await;
+        let err = fake::client()
+            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, RegistryError::DowngradeRedirect { .. }),
+            "{err}"
+        );
+        assert!(storage.seen().is_empty());
+    }
+}
