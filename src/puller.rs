@@ -663,8 +663,8 @@ impl Inner {
 /// The status (401/403) of a registry error that means "these credentials won't do".
 fn auth_status(e: &RegistryError) -> Option<u16> {
     match e {
-        RegistryError::Unauthorized { .. } => Some(401),
         RegistryError::Denied { .. } => Some(403),
+        e if e.is_auth_failure() => Some(401),
         _ => None,
     }
 }
@@ -823,5 +823,8 @@ async fn fetch_blob_resuming(
 
 /// A body that broke off can be resumed; a body that was wrong cannot.
 fn is_resumable(e: &RegistryError) -> bool {
-    matches!(e, RegistryError::Unreachable { .. })
+    matches!(
+        e,
+        RegistryError::Interrupted { .. } | RegistryError::Unreachable { .. }
+    )
 }

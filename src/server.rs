@@ -57,7 +57,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
     )?);
     let registry = RegistryClient::new(ClientSettings {
         ca_dir: Some(config.registry.ca_dir.clone()),
-        user_agent: format!("cri-imaged/{}", env!("CARGO_PKG_VERSION")),
+        ..ClientSettings::default()
     })?;
     let policy = Policy::load(&config.registry.registries_conf)?;
     let platform = config

@@ -69,14 +69,34 @@ fn pull_code(e: &PullError) -> Code {
 }
 
 fn registry_code(e: &RegistryError) -> Code {
+    use crate::registry::error::ErrorCode;
     match e {
-        RegistryError::Unreachable { .. } => Code::Unavailable,
+        RegistryError::Unreachable { .. }
+        | RegistryError::Interrupted { .. }
+        | RegistryError::TooManyRedirects { .. } => Code::Unavailable,
+        RegistryError::Server { status, .. } if *status >= 500 => Code::Unavailable,
+        RegistryError::Server {
+            code: Some(ErrorCode::NameInvalid),
+            ..
+        }
+        | RegistryError::InvalidReference { .. }
+        | RegistryError::InvalidUrl { .. } => Code::InvalidArgument,
         RegistryError::Unauthorized { .. } => Code::Unauthenticated,
         RegistryError::Denied { .. } => Code::PermissionDenied,
         RegistryError::NotFound { .. } => Code::NotFound,
         RegistryError::TooManyRequests { .. } => Code::ResourceExhausted,
-        RegistryError::DigestMismatch { .. } => Code::DataLoss,
-        RegistryError::Unsupported { .. } => Code::FailedPrecondition,
+        RegistryError::DigestMismatch { .. } | RegistryError::SizeMismatch { .. } => Code::DataLoss,
+        // What the registry serves, or how it would have us reach it, is something we
+        // refuse: the system is not in a state where the pull can work.
+        RegistryError::Unsupported { .. }
+        | RegistryError::ManifestTooLarge { .. }
+        | RegistryError::InsecureUrl { .. }
+        | RegistryError::DowngradeRedirect { .. }
+        | RegistryError::TrustStore { .. } => Code::FailedPrecondition,
+        RegistryError::Server { .. }
+        | RegistryError::BadResponse { .. }
+        | RegistryError::OffsetBeyondEnd { .. }
+        | RegistryError::Tls(_) => Code::Internal,
     }
 }
 
