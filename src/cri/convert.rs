@@ -62,7 +62,6 @@ fn pull_code(e: &PullError) -> Code {
         // The registry serves something we cannot run: not an internal fault, not
         // the caller's argument either.
         PullError::InvalidImage { .. } => Code::FailedPrecondition,
-        PullError::DiffIdMismatch { .. } => Code::DataLoss,
         PullError::Store { source, .. } => store_code(source),
         PullError::Task { .. } => Code::Internal,
     }
@@ -105,6 +104,7 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::Unavailable { .. } => Code::Unavailable,
         StoreError::DigestMismatch { .. } => Code::DataLoss,
         StoreError::NotFound { .. }
+        | StoreError::InvalidArgument { .. }
         | StoreError::TooLarge { .. }
         | StoreError::Grpc { .. }
         | StoreError::Malformed { .. } => Code::Internal,
@@ -274,10 +274,10 @@ mod tests {
         let e = Error::Pull(Arc::new(PullError::Registry {
             image: "r.io/a:1".into(),
             registry: "r.io".into(),
-            source: RegistryError::Unreachable {
+            source: Box::new(RegistryError::Unreachable {
                 host: "r.io".into(),
                 detail: "connection refused".into(),
-            },
+            }),
         }));
         let s = Status::from(e);
         assert_eq!(s.code(), Code::Unavailable);

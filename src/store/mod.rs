@@ -15,7 +15,7 @@ pub mod containerd;
 pub mod memory;
 
 pub use self::containerd::ContainerdStore;
-// pub use self::memory::MemoryStore;
+pub use self::memory::MemoryStore;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -108,12 +108,16 @@ pub trait ImageStore: Send + Sync {
         chain_id: &Digest,
     ) -> Result<bool, StoreError>;
     /// Unpacks `layer` on top of `parent` and commits the snapshot named `chain_id`.
+    /// `diff_id` is the uncompressed digest the image config promises for this layer:
+    /// if the differ computes another one, nothing is committed and the result is
+    /// `DigestMismatch` (a chain ID must never name the wrong content).
     /// Returns the digest of the uncompressed layer as the differ computed it.
     async fn apply_layer(
         &self,
         lease: &Lease,
         snapshotter: &str,
         layer: &Descriptor,
+        diff_id: &Digest,
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<Digest, StoreError>;
@@ -148,6 +152,12 @@ pub enum StoreError {
         op: &'static str,
         #[source]
         status: tonic::Status,
+    },
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidArgument {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
     },
     #[error("containerd returned a malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
