@@ -87,6 +87,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -169,6 +170,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// Prints a line to stdout; a closed pipe (`| head`) ends the command quietly
+/// instead of panicking as `println!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            return Ok(());
+        }
+    }};
+}
+
 fn spec(image: &str) -> Option<proto::ImageSpec> {
     Some(proto::ImageSpec {
         image: image.to_string(),
@@ -215,7 +227,7 @@ async fn client(command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!("Image is up to date for {}", response.image_ref);
+            out!("Image is up to date for {}", response.image_ref);
         }
         Command::Images {
             endpoint,
@@ -231,9 +243,12 @@ async fn client(command: Command) -> anyhow::Result<()> {
                 .into_inner()
                 .images;
             if !quiet {
-                println!(
+                out!(
                     "{:<50} {:<20} {:<15} {:>10}",
-                    "IMAGE", "TAG", "IMAGE ID", "SIZE"
+                    "IMAGE",
+                    "TAG",
+                    "IMAGE ID",
+                    "SIZE"
                 );
             }
             for image in images {
@@ -244,19 +259,22 @@ async fn client(command: Command) -> anyhow::Result<()> {
                     .take(13)
                     .collect::<String>();
                 if quiet {
-                    println!("{}", image.id);
+                    out!("{}", image.id);
                     continue;
                 }
                 let size = format!("{:.1}MB", image.size as f64 / 1e6);
                 if image.repo_tags.is_empty() {
-                    println!(
+                    out!(
                         "{:<50} {:<20} {:<15} {:>10}",
-                        "<none>", "<none>", short_id, size
+                        "<none>",
+                        "<none>",
+                        short_id,
+                        size
                     );
                 }
                 for tag in &image.repo_tags {
                     let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "<none>"));
-                    println!("{repo:<50} {t:<20} {short_id:<15} {size:>10}");
+                    out!("{repo:<50} {t:<20} {short_id:<15} {size:>10}");
                 }
             }
         }
@@ -293,7 +311,7 @@ async fn client(command: Command) -> anyhow::Result<()> {
                 },
                 "info": info,
             });
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&out).context("printing JSON")?
             );
@@ -307,7 +325,7 @@ async fn client(command: Command) -> anyhow::Result<()> {
                     })
                     .await
                     .map_err(status_error)?;
-                println!("Deleted: {image}");
+                out!("Deleted: {image}");
             }
         }
         Command::Imagefsinfo { endpoint } => {
@@ -335,7 +353,7 @@ async fn client(command: Command) -> anyhow::Result<()> {
                     "containerFilesystems": fs(&response.container_filesystems),
                 }
             });
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&out).context("printing JSON")?
             );
