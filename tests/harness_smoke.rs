@@ -228,6 +228,15 @@ fn random_image_has_requested_size_and_layers() {
     // Random data does not compress: gzip adds only headers.
     assert!(host.content_size() >= 3 << 20);
     assert!(host.content_size() < (3 << 20) + (64 << 10));
+    // Layers are valid gzip whose content matches the diff_id.
+    for (layer, diff_id) in host.layers.iter().zip(&host.diff_ids) {
+        let gz = std::fs::read(image.blob_path(&layer.digest)).expect("layer blob");
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw)
+            .expect("gunzip layer");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &raw);
+        assert_eq!(&format!("sha256:{}", hex::encode(digest)), diff_id);
+    }
     let other = images::random_image(1 << 20, 1, "rand");
     assert_ne!(other.host().layers[0].digest, host.layers[0].digest);
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
 use super::registry::{Credentials, Registry};
@@ -109,6 +108,14 @@ pub struct PushedImage {
 impl OciImage {
     pub fn layout(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Where a blob of this layout is stored.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     pub fn is_index(&self) -> bool {
@@ -324,10 +331,10 @@ fn try_random_image(total_bytes: u64, layers: usize, tag: &str) -> Result<OciIma
     let layout = Layout::create()?;
     let layers = layers.max(1);
     let per_layer = total_bytes / layers as u64;
-    let mut rng = XorShift::seeded();
+    let rng = ring::rand::SystemRandom::new();
     let mut built = Vec::with_capacity(layers);
     for index in 0..layers {
-        built.push(random_layer(&mut rng, index, per_layer)?);
+        built.push(random_layer(&rng, index, per_layer)?);
     }
     let config = ImageConfig {
         arch: host_arch(),
@@ -341,25 +348,62 @@ fn try_random_image(total_bytes: u64, layers: usize, tag: &str) -> Result<OciIma
 }
 
 /// Files of at most 4 MiB, so unpacking writes several files per layer.
-fn random_layer(rng: &mut XorShift, index: usize, bytes: u64) -> Result<Layer> {
+fn random_layer(rng: &ring::rand::SystemRandom, index: usize, bytes: u64) -> Result<Layer> {
+    use ring::rand::SecureRandom as _;
     const FILE: u64 = 4 << 20;
     let mut tar = tar::Builder::new(Vec::with_capacity(bytes as usize + 64 * 1024));
     append_dir(&mut tar, &format!("data/{index}"))?;
     let mut left = bytes;
     let mut n = 0;
-    let mut data = Vec::with_capacity(FILE as usize);
+    let mut data = vec![0u8; FILE as usize];
     while left > 0 {
         let len = left.min(FILE) as usize;
-        data.clear();
-        rng.fill(&mut data, len);
-        append_file(&mut tar, &format!("data/{index}/{n}.bin"), 0o644, &data)?;
+        // The kernel's RNG is fast and stays fast in a debug build.
+        rng.fill(&mut data[..len])
+            .map_err(|_unspecified| HarnessError::Random)?;
+        append_file(
+            &mut tar,
+            &format!("data/{index}/{n}.bin"),
+            0o644,
+            &data[..len],
+        )?;
         left -= len as u64;
         n += 1;
     }
     let raw = tar.into_inner().ctx(|| "finishing a tar".into())?;
-    // Level 0: random data would end up in stored blocks at any level; skipping the
-    // match search keeps generating 200 MB quick in a debug build.
-    Layer::from_tar(raw, flate2::Compression::none())
+    let diff_id = sha256(&raw);
+    Ok(Layer {
+        gz: gzip_stored(&raw),
+        diff_id,
+    })
+}
+
+/// gzip (RFC 1952) made of stored deflate blocks. Random data ends up stored at any
+/// compression level anyway; writing the blocks directly keeps building a 200 MB
+/// image to a couple of seconds in a debug build (flate2 there: ~20 s).
+fn gzip_stored(raw: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 65535;
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / BLOCK * 5 + 32);
+    // Magic, deflate, no flags, mtime 0, no extra flags, OS unix.
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]);
+    let mut chunks = raw.chunks(BLOCK).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        // BFINAL bit, BTYPE 00 (stored), padding to the byte boundary.
+        out.push(u8::from(last));
+        let len = chunk.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(raw);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out
 }
 
 /// A gzip layer blob and the digest of its uncompressed tar.
@@ -401,12 +445,15 @@ impl Layer {
             }
         }
         let raw = tar.into_inner().ctx(|| "finishing a tar".into())?;
-        Layer::from_tar(raw, flate2::Compression::fast())
+        Layer::from_tar(raw)
     }
 
-    fn from_tar(raw: Vec<u8>, level: flate2::Compression) -> Result<Layer> {
+    fn from_tar(raw: Vec<u8>) -> Result<Layer> {
         let diff_id = sha256(&raw);
-        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 2), level);
+        let mut gz = flate2::write::GzEncoder::new(
+            Vec::with_capacity(raw.len() / 2),
+            flate2::Compression::fast(),
+        );
         gz.write_all(&raw).ctx(|| "gzip".into())?;
         let gz = gz.finish().ctx(|| "gzip".into())?;
         Ok(Layer { gz, diff_id })
@@ -589,32 +636,10 @@ impl Layout {
     }
 }
 
+/// ring's SHA-256 is assembly, fast even in a debug build (sha2 there: ~30 MB/s).
 fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// xorshift64*: fast incompressible filler, seeded from the OS so every image differs.
-struct XorShift(u64);
-
-impl XorShift {
-    fn seeded() -> XorShift {
-        use ring::rand::SecureRandom as _;
-        let mut seed = [0u8; 8];
-        let _ = ring::rand::SystemRandom::new().fill(&mut seed);
-        XorShift(u64::from_le_bytes(seed) | 1)
-    }
-
-    fn fill(&mut self, out: &mut Vec<u8>, len: usize) {
-        out.reserve(len);
-        while out.len() + 8 <= len {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            out.extend_from_slice(&self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        while out.len() < len {
-            out.push(self.0 as u8);
-            self.0 = self.0.rotate_left(8);
-        }
-    }
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+    )
 }

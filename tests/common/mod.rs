@@ -67,6 +67,8 @@ pub enum HarnessError {
     },
     #[error("token signing key: {0}")]
     SigningKey(ring::error::KeyRejected),
+    #[error("the system random number generator failed")]
+    Random,
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
