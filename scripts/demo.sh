@@ -210,7 +210,8 @@ show ctr -n k8s.io images ls
 show ctr -n k8s.io images check --snapshotter overlayfs
 
 say "Run it with containerd"
-show ctr -n k8s.io run --rm "$image" demo /bin/sh -c 'echo "hello from $(cat /hello.txt)"'
+# runc's root in our temp dir: its default (/run/containerd/runc) is shared host-wide.
+show ctr -n k8s.io run --rm --runc-root "$tmp/containerd/state/runc" "$image" demo /bin/sh -c 'echo "hello from $(cat /hello.txt)"'
 
 if grep -qF "$pass" "$tmp/cri-imaged.log"; then
   echo "the password appears in cri-imaged's log" >&2

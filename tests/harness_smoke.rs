@@ -122,23 +122,9 @@ async fn containerd_cri_pulls_built_images_from_open_and_htpasswd_registries_and
 
     // containerd's CRI unpacked into overlayfs; ctr runs the image, with its User.
     assert!(containerd.is_unpacked(&plain.reference));
-    let out = containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        &plain.reference,
-        "smoke-echo",
-        "/bin/echo",
-        "hi",
-    ]);
+    let out = containerd.run_ok(&plain.reference, &["/bin/echo", "hi"]);
     assert_eq!(out.trim(), "hi");
-    let out = containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        &nobody.reference,
-        "smoke-id",
-        "/bin/id",
-        "-u",
-    ]);
+    let out = containerd.run_ok(&nobody.reference, &["/bin/id", "-u"]);
     assert_eq!(out.trim(), "65534");
 }
 
@@ -270,4 +256,30 @@ fn daemon_config_renders_the_contract_keys() {
         Some(open.host())
     );
     assert_eq!(registries["registry"][0]["insecure"].as_bool(), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_realm_on_another_host_works_for_skopeo_and_containerd() {
+    let (containerd, registry) = std::thread::scope(|s| {
+        let containerd = s.spawn(Containerd::start);
+        let registry = s.spawn(|| {
+            Registry::token_with(common::token::TokenOptions {
+                users: vec![TokenUser::new("bob", "bob-pw").pull("*")],
+                realm_host: "localhost".into(),
+                ..Default::default()
+            })
+        });
+        (
+            containerd.join().expect("containerd thread"),
+            registry.join().expect("token registry thread"),
+        )
+    });
+    let token = registry.token_server().expect("token server");
+    assert!(token.realm().starts_with("https://localhost:"));
+    containerd.add_registry(&registry);
+    let pushed = images::busybox().build().push(&registry, "delegated/app");
+    let id = cri_pull(&containerd, &pushed.reference, basic("bob", "bob-pw"))
+        .await
+        .expect("pull with the realm on localhost");
+    assert_eq!(id, pushed.config_digest);
 }

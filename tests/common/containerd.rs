@@ -201,6 +201,50 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `args` in a new container from `image` (`ctr run --rm`) and returns what
+    /// happened. Use this rather than a raw `ctr run`: runc keeps container state under
+    /// a host-wide root and cgroups are named `/k8s.io/<id>`, so two containerds
+    /// running the same container ID collide. Here the ID is unique and runc's root
+    /// lives in this instance's temp dir.
+    pub fn run_container(&self, image: &str, args: &[&str]) -> Output {
+        let id = self.unique_id("run");
+        let runc_root = self.state().join("runc");
+        let runc_root = runc_root.display().to_string();
+        let mut ctr_args = vec!["run", "--rm", "--runc-root", &runc_root, image, &id];
+        ctr_args.extend_from_slice(args);
+        self.ctr(&ctr_args)
+    }
+
+    /// [`Containerd::run_container`] that must succeed; returns stdout.
+    pub fn run_ok(&self, image: &str, args: &[&str]) -> String {
+        let out = self.run_container(image, args);
+        assert!(
+            out.status.success(),
+            "running {args:?} in {image} failed ({}): {}\nstdout: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// An ID no other containerd instance (in this or another test process) uses.
+    pub fn unique_id(&self, prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let instance = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!(
+            "{prefix}-{}-{}",
+            instance.trim_start_matches("cri-imaged-containerd-"),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
     /// Image record names in `k8s.io` (`ctr images ls -q`).
     pub fn image_names(&self) -> Vec<String> {
         self.ctr_ok(&["images", "ls", "-q"])
@@ -236,8 +280,33 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Kills and deletes tasks left running (a test that failed mid-run): killing
+    /// only the shim would orphan the container's processes.
+    fn remove_tasks(&self) {
+        let run = |args: &[&str]| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["-n", NAMESPACE])
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .ok()
+        };
+        let Some(listed) = run(&["tasks", "ls", "-q"]) else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&listed.stdout).lines() {
+            run(&["tasks", "rm", "-f", id]);
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Never panic here: a drop during a failing test's unwind would abort.
+        self.remove_tasks();
         terminate(&mut self.child, Duration::from_secs(10));
         kill_shims(&self.socket);
         unmount_under(self.dir.path());
@@ -285,6 +354,12 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{snapshotter}"
 
+  # runc's state root defaults to the host-wide /run/containerd/runc.
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    Root = "{runc_root}"
+
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs_d}"
 "#,
@@ -292,6 +367,7 @@ state = "{state}"
             cni_conf = p("cni/conf"),
             snapshotter = options.snapshotter,
             certs_d = p("certs.d"),
+            runc_root = p("state/runc"),
         ));
     }
     toml.push_str(&options.extra_toml);
