@@ -101,11 +101,17 @@ impl DaemonConfig {
     }
 
     /// Makes `registry` reachable: `insecure = true` for plain HTTP; its CA in
-    /// `ca_dir` as `127.0.0.1..PORT` for TLS.
+    /// `ca_dir` as `127.0.0.1..PORT` for TLS (and for its token realm's host..port).
     pub fn registry(mut self, registry: &Registry) -> DaemonConfig {
         if registry.is_tls() {
             if let Some(pem) = registry.ca_pem() {
-                self.cas.push((registry.host().replace(':', ".."), pem));
+                self.cas
+                    .push((registry.host().replace(':', ".."), pem.clone()));
+                // The token realm is another host:port served with the same CA.
+                if let Some(token) = registry.token_server() {
+                    self.cas
+                        .push((token.realm_host_port().replace(':', ".."), pem));
+                }
             }
         } else {
             self.registries.push(RegistryEntry {

@@ -189,11 +189,12 @@ impl TokenServer {
 
     /// The realm URL to configure in the registry (`https://HOST:PORT/token`).
     pub fn realm(&self) -> String {
-        format!(
-            "https://{}:{}/token",
-            self.state.options.realm_host,
-            self.addr.port()
-        )
+        format!("https://{}/token", self.realm_host_port())
+    }
+
+    /// `HOST:PORT` of the realm (what a client connects to for tokens).
+    pub fn realm_host_port(&self) -> String {
+        format!("{}:{}", self.state.options.realm_host, self.addr.port())
     }
 
     pub fn service(&self) -> &str {
