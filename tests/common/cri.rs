@@ -1,0 +1,383 @@
+//! The CRI side of the tests: a tonic `ImageService` client over a unix socket (for
+//! cri-imaged and for containerd's own CRI), and [`Daemon`], the cri-imaged binary
+//! started with a generated config.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cri_imaged::proto::image_service_client::ImageServiceClient;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+use super::containerd::{Containerd, NAMESPACE};
+use super::registry::Registry;
+use super::{must, read_log, terminate, wait_ready, HarnessError, IoContext, Result};
+
+pub use cri_imaged::proto;
+
+/// Connects an `ImageService` client to a unix socket (the URI is a placeholder;
+/// every connection goes to `socket`).
+pub async fn connect(socket: &Path) -> ImageServiceClient<Channel> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await;
+    match channel {
+        Ok(channel) => ImageServiceClient::new(channel),
+        Err(e) => panic!("connecting to CRI at {}: {e}", socket.display()),
+    }
+}
+
+/// A `PullImageRequest` for `image`, with username/password if given (what kubelet
+/// sends: it passes only username and password).
+pub fn pull_request(image: &str, auth: Option<(&str, &str)>) -> proto::PullImageRequest {
+    proto::PullImageRequest {
+        image: Some(image_spec(image)),
+        auth: auth.map(|(username, password)| proto::AuthConfig {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    }
+}
+
+pub fn image_spec(image: &str) -> proto::ImageSpec {
+    proto::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// One `[[registry]]` entry of registries.conf.
+#[derive(Debug, Clone)]
+struct RegistryEntry {
+    location: String,
+    insecure: bool,
+}
+
+/// Builds cri-imaged's config. Keys are the daemon's contract:
+/// `[server] listen`, `[containerd] address/namespace/snapshotter`,
+/// `[registry] registries_conf/ca_dir`, `[pull] platform`, `[credentials]
+/// kubelet_root_dir`.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    containerd_address: String,
+    snapshotter: String,
+    platform: Option<String>,
+    registries: Vec<RegistryEntry>,
+    registries_conf_extra: String,
+    /// (file name `host..port`, PEM).
+    cas: Vec<(String, String)>,
+    docker_config: Option<String>,
+    extra_toml: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl DaemonConfig {
+    /// Stores into `containerd` (namespace k8s.io, its snapshotter).
+    pub fn new(containerd: &Containerd) -> DaemonConfig {
+        DaemonConfig {
+            containerd_address: containerd.address(),
+            snapshotter: containerd.snapshotter().to_owned(),
+            platform: None,
+            registries: Vec::new(),
+            registries_conf_extra: String::new(),
+            cas: Vec::new(),
+            docker_config: None,
+            extra_toml: String::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Makes `registry` reachable: `insecure = true` for plain HTTP; its CA in
+    /// `ca_dir` as `127.0.0.1..PORT` for TLS (and for its token realm's host..port).
+    pub fn registry(mut self, registry: &Registry) -> DaemonConfig {
+        if registry.is_tls() {
+            if let Some(pem) = registry.ca_pem() {
+                self.cas
+                    .push((registry.host().replace(':', ".."), pem.clone()));
+                // The token realm is another host:port served with the same CA.
+                if let Some(token) = registry.token_server() {
+                    self.cas
+                        .push((token.realm_host_port().replace(':', ".."), pem));
+                }
+            }
+        } else {
+            self.registries.push(RegistryEntry {
+                location: registry.host().to_owned(),
+                insecure: true,
+            });
+        }
+        self
+    }
+
+    /// Appended verbatim to registries.conf (mirrors, blocked, short names, …).
+    pub fn registries_conf(mut self, toml: &str) -> DaemonConfig {
+        self.registries_conf_extra.push_str(toml);
+        self.registries_conf_extra.push('\n');
+        self
+    }
+
+    /// An extra CA file in `ca_dir` under `name` (`host..port` or `host`).
+    pub fn ca(mut self, name: &str, pem: &str) -> DaemonConfig {
+        self.cas.push((name.to_owned(), pem.to_owned()));
+        self
+    }
+
+    pub fn platform(mut self, platform: &str) -> DaemonConfig {
+        self.platform = Some(platform.to_owned());
+        self
+    }
+
+    /// Written as `{kubelet_root_dir}/config.json` (docker config with `auths`).
+    pub fn docker_config(mut self, json: &str) -> DaemonConfig {
+        self.docker_config = Some(json.to_owned());
+        self
+    }
+
+    /// Appended verbatim to the daemon's TOML config.
+    pub fn extra_toml(mut self, toml: &str) -> DaemonConfig {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
+    }
+
+    /// Extra command-line arguments after `--config FILE`.
+    pub fn arg(mut self, arg: &str) -> DaemonConfig {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    /// An environment variable for the daemon (e.g. `RUST_LOG`). The test process's
+    /// own environment is never changed.
+    pub fn env(mut self, key: &str, value: &str) -> DaemonConfig {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn start(self) -> Daemon {
+        must(self.try_start())
+    }
+
+    /// Writes the files into a fresh temp dir and starts the daemon on a socket there.
+    pub fn try_start(self) -> Result<Daemon> {
+        let dir = tempfile::Builder::new()
+            .prefix("cri-imaged-daemon-")
+            .tempdir()
+            .ctx(|| "creating a temp dir".into())?;
+        let base = dir.path();
+        let socket = base.join("cri-imaged.sock");
+        let ca_dir = base.join("ca.d");
+        let kubelet_root = base.join("kubelet");
+        for d in [&ca_dir, &kubelet_root] {
+            std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
+        }
+        for (name, pem) in &self.cas {
+            let path = ca_dir.join(name);
+            std::fs::write(&path, pem).ctx(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(json) = &self.docker_config {
+            let path = kubelet_root.join("config.json");
+            std::fs::write(&path, json).ctx(|| format!("writing {}", path.display()))?;
+        }
+        let registries_conf = base.join("registries.conf");
+        std::fs::write(&registries_conf, self.registries_conf_text())
+            .ctx(|| format!("writing {}", registries_conf.display()))?;
+        let config = base.join("cri-imaged.toml");
+        std::fs::write(
+            &config,
+            self.config_text(&socket, &registries_conf, &ca_dir, &kubelet_root),
+        )
+        .ctx(|| format!("writing {}", config.display()))?;
+
+        let log = base.join("cri-imaged.log");
+        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
+        let stdout = log_file
+            .try_clone()
+            .ctx(|| format!("opening {}", log.display()))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+            .arg("--config")
+            .arg(&config)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log_file)
+            .spawn()
+            .ctx(|| "starting cri-imaged".into())?;
+        let waited = wait_ready(
+            "cri-imaged",
+            &mut child,
+            &log,
+            Duration::from_secs(30),
+            || {
+                std::os::unix::net::UnixStream::connect(&socket)
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+        if let Err(e) = waited {
+            terminate(&mut child, Duration::from_secs(2));
+            return Err(e);
+        }
+        Ok(Daemon {
+            child,
+            socket,
+            config,
+            registries_conf,
+            ca_dir,
+            kubelet_root,
+            log,
+            dir,
+        })
+    }
+
+    /// The daemon config and registries.conf this builder writes for a daemon whose
+    /// files live in `base` (what [`DaemonConfig::try_start`] writes).
+    pub fn render(&self, base: &Path) -> (String, String) {
+        (
+            self.config_text(
+                &base.join("cri-imaged.sock"),
+                &base.join("registries.conf"),
+                &base.join("ca.d"),
+                &base.join("kubelet"),
+            ),
+            self.registries_conf_text(),
+        )
+    }
+
+    fn registries_conf_text(&self) -> String {
+        let mut text = String::new();
+        for entry in &self.registries {
+            text.push_str(&format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = {}\n\n",
+                entry.location, entry.insecure
+            ));
+        }
+        text.push_str(&self.registries_conf_extra);
+        text
+    }
+
+    fn config_text(
+        &self,
+        socket: &Path,
+        registries_conf: &Path,
+        ca_dir: &Path,
+        kubelet_root: &Path,
+    ) -> String {
+        let mut text = format!(
+            "[server]\nlisten = \"{}\"\n\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            socket.display(),
+            self.containerd_address,
+            self.snapshotter,
+            registries_conf.display(),
+            ca_dir.display(),
+            kubelet_root.display(),
+        );
+        if let Some(platform) = &self.platform {
+            text.push_str(&format!("\n[pull]\nplatform = \"{platform}\"\n"));
+        }
+        text.push_str(&self.extra_toml);
+        text
+    }
+}
+
+/// A running cri-imaged; SIGTERM (then SIGKILL) on drop.
+pub struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    config: PathBuf,
+    registries_conf: PathBuf,
+    ca_dir: PathBuf,
+    kubelet_root: PathBuf,
+    log: PathBuf,
+    // Last: removed after the process is gone.
+    dir: TempDir,
+}
+
+impl Daemon {
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `unix:///…/cri-imaged.sock`, as `--image-endpoint` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub async fn client(&self) -> ImageServiceClient<Channel> {
+        connect(&self.socket).await
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn registries_conf_path(&self) -> &Path {
+        &self.registries_conf
+    }
+
+    pub fn ca_dir(&self) -> &Path {
+        &self.ca_dir
+    }
+
+    pub fn kubelet_root_dir(&self) -> &Path {
+        &self.kubelet_root
+    }
+
+    /// Everything the daemon wrote to stdout and stderr so far (to assert that
+    /// secrets never reach the log).
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the daemon now (SIGTERM, then SIGKILL) and returns its exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(10));
+        self.child.wait().map_err(|source| HarnessError::Io {
+            what: "waiting for cri-imaged".into(),
+            source,
+        })
+    }
+
+    /// Runs the binary's client subcommands (`pull`, `images`, `inspecti`, `rmi`,
+    /// `imagefsinfo`) against this daemon: `cri-imaged SUB --image-endpoint unix://… ARGS`.
+    pub fn client_command(&self, subcommand: &str, args: &[&str]) -> std::process::Output {
+        must(
+            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+                .arg(subcommand)
+                .arg("--image-endpoint")
+                .arg(self.endpoint())
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .ctx(|| format!("running cri-imaged {subcommand}")),
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
