@@ -666,10 +666,14 @@ fn attempt_of(candidate: &Candidate, status: u16) -> Attempt {
 }
 
 /// containerd's label recording where a blob came from:
-/// `containerd.io/distribution.source.<host>` = `<repository>`.
+/// `containerd.io/distribution.source.<host name>` = `<repository>`. containerd keys
+/// it by host name without the port (a label key cannot hold ':').
 fn distribution_source_label(reference: &Reference) -> (String, String) {
     (
-        format!("containerd.io/distribution.source.{}", reference.domain()),
+        format!(
+            "containerd.io/distribution.source.{}",
+            reference.host_name()
+        ),
         reference.path().to_string(),
     )
 }

@@ -137,6 +137,17 @@ impl Reference {
         }
     }
 
+    /// The registry's host name without a port (`127.0.0.1` for `127.0.0.1:5000`).
+    pub fn host_name(&self) -> &str {
+        if self.domain.starts_with('[') {
+            return self
+                .domain
+                .split_once(']')
+                .map_or(&self.domain, |(h, _)| &h[1..]);
+        }
+        self.domain.split_once(':').map_or(&self.domain, |(h, _)| h)
+    }
+
     /// The repository path inside the registry (`library/busybox`).
     pub fn path(&self) -> &str {
         &self.path
@@ -399,7 +410,13 @@ mod tests {
         assert_eq!(r.digest_name(&d), format!("docker.io/library/busybox@{D}"));
         let r = Reference::parse("127.0.0.1:5000/app:1").unwrap();
         assert_eq!(r.registry_host(), "127.0.0.1:5000");
+        assert_eq!(r.host_name(), "127.0.0.1");
         assert_eq!(r.manifest_reference(), "1");
+        assert_eq!(Reference::parse("[::1]:5000/a").unwrap().host_name(), "::1");
+        assert_eq!(
+            Reference::parse("quay.io/a").unwrap().host_name(),
+            "quay.io"
+        );
     }
 
     #[test]
