@@ -4,6 +4,8 @@
 //! the pod's imagePullSecrets) followed by anonymous access. Node config.json files,
 //! secret directories and credential providers join it with the credentials issue.
 
+pub mod matcher;
+
 use crate::reference::Reference;
 use crate::registry::Credential;
 use base64::Engine as _;
