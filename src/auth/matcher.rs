@@ -400,7 +400,7 @@ mod tests {
     fn seed_002_subpath_key_is_tried_before_its_prefix() {
         for mode in [Matching::Kubelet, Matching::SpanLabels] {
             let image = loc("my-registry.io/images/subpath/my-image");
-            let mut keys = vec![
+            let mut keys = [
                 key("my-registry.io/images"),
                 key("my-registry.io/images/subpath"),
             ];
