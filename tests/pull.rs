@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::containerd::Containerd;
 use common::cri::{self, proto, Daemon, DaemonConfig};
-use common::images::{self, ImageUser, PushedImage, MEDIA_INDEX, MEDIA_MANIFEST};
+use common::images::{self, ImageUser, OciImage, PushedImage, MEDIA_INDEX, MEDIA_MANIFEST};
 use common::must;
 use common::records::{chain_ids, LABEL_CRI_MANAGED};
 use common::registry::Registry;
@@ -428,7 +428,8 @@ async fn repeated_and_concurrent_pulls_of_one_image_give_one_image() {
     let (containerd, open) = start(Registry::open);
     let small = images::busybox().build().push(&open, "again/busybox");
     // Big enough that a pull lasts well beyond the moment both requests arrive.
-    let big = images::random_image(24 << 20, 3, "big").push(&open, "again/big");
+    // More layers than downloads run at once (4): unpacking must still go in order.
+    let big = images::random_image(24 << 20, 6, "big").push(&open, "again/big");
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
 
     let first = pull_ok(&daemon, &small.reference, None).await;
@@ -470,6 +471,17 @@ async fn repeated_and_concurrent_pulls_of_one_image_give_one_image() {
     ]
     .into();
     assert_eq!(names, want);
+    let mut parent = String::new();
+    for chain in chain_ids(&big.manifests[0].diff_ids) {
+        let (kind, got_parent) = containerd
+            .snapshot(&chain)
+            .unwrap_or_else(|| panic!("no snapshot named {chain}"));
+        assert_eq!(
+            (kind.as_str(), got_parent.as_str()),
+            ("Committed", parent.as_str())
+        );
+        parent = chain;
+    }
     // The registry saw one pull: the second call joined the first.
     let log = open.log();
     let log = log.get(log_before..).unwrap_or(&log);
@@ -543,7 +555,11 @@ async fn pulls_from_token_registry_with_password_identity_token_and_registry_tok
         .app_text("registry token\n")
         .build()
         .push(&registry, "team/registry-token");
-    let daemon = DaemonConfig::new(&containerd).registry(&registry).start();
+    // At debug level, so that any secret a debug line would carry shows up.
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .env("RUST_LOG", "debug")
+        .start();
 
     token.clear_requests();
     let id = pull_ok(
@@ -614,9 +630,12 @@ async fn pulls_from_token_registry_with_password_identity_token_and_registry_tok
         );
     }
     let log = daemon.log();
+    assert!(log.contains("DEBUG"), "no debug output:\n{log}");
     for secret in [PASSWORD, refresh.as_str(), minted.as_str()] {
         assert!(!log.contains(secret), "a secret in the daemon log");
     }
+    // Every JWT starts with base64 of `{"`: no access token the server issued either.
+    assert!(!log.contains("eyJ"), "a token in the daemon log:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,5 +768,172 @@ async fn pulling_a_moved_tag_moves_the_tag_record_and_keeps_the_old_image_by_dig
     assert_eq!(
         containerd.run_ok(&new.reference, &["/bin/cat", "/app/hello.txt"]),
         "new\n"
+    );
+}
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Pushes `image` to the open `registry` converted to Docker schema 2 (what most
+/// registries serve): skopeo rewrites the manifest, or the index into a manifest
+/// list. Returns the digest reference and the manifest as stored.
+fn push_docker_schema2(
+    image: &OciImage,
+    registry: &Registry,
+    repo: &str,
+) -> (String, serde_json::Value) {
+    push_converted(image, registry, repo, &["--format", "v2s2"])
+}
+
+/// Pushes `image` to the open `registry` through `skopeo copy` with `options`
+/// (which rewrite the manifest or layers, so digests are read back from the
+/// registry). Returns the digest reference and the manifest as stored.
+fn push_converted(
+    image: &OciImage,
+    registry: &Registry,
+    repo: &str,
+    options: &[&str],
+) -> (String, serde_json::Value) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let digest_file = dir.path().join("digest");
+    let reference = format!("docker://{}/{repo}:{}", registry.host(), image.tag);
+    let mut copy = std::process::Command::new("skopeo");
+    copy.args(["--insecure-policy", "copy", "--quiet"])
+        .args(options);
+    if image.is_index() {
+        copy.arg("--all");
+    }
+    copy.args(["--dest-tls-verify=false", "--dest-no-creds", "--digestfile"])
+        .arg(&digest_file)
+        .arg(format!("oci:{}:{}", image.layout().display(), image.tag))
+        .arg(&reference);
+    must(common::run(&mut copy));
+    let digest = std::fs::read_to_string(&digest_file).expect("skopeo's digest file");
+    let digest_reference = format!("{}/{repo}@{}", registry.host(), digest.trim());
+    (digest_reference.clone(), raw_manifest(&digest_reference))
+}
+
+/// The manifest stored at `reference`, as the registry serves it.
+fn raw_manifest(reference: &str) -> serde_json::Value {
+    let out = must(common::run(std::process::Command::new("skopeo").args([
+        "--insecure-policy",
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--no-creds",
+        &format!("docker://{reference}"),
+    ])));
+    serde_json::from_slice(&out.stdout).expect("a JSON manifest")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_docker_schema2_manifest_and_manifest_list() {
+    let (containerd, open) = start(Registry::open);
+    let single = images::busybox().app_text("docker schema 2\n").build();
+    let (single_ref, manifest) = push_docker_schema2(&single, &open, "docker/single");
+    assert_eq!(manifest["mediaType"], DOCKER_MANIFEST);
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_owned();
+    let multi = images::multi_arch("v1");
+    let (list_ref, list) = push_docker_schema2(&multi, &open, "docker/list");
+    assert_eq!(list["mediaType"], DOCKER_MANIFEST_LIST, "{list}");
+    let host_manifest = list["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["platform"]["architecture"] == images::host_arch())
+        .expect("a host manifest in the list");
+    let host_manifest_ref = format!(
+        "{}/docker/list@{}",
+        open.host(),
+        host_manifest["digest"].as_str().expect("digest")
+    );
+    let list_config = raw_manifest(&host_manifest_ref)["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_owned();
+    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+
+    let single_tag = format!("{}/docker/single:latest", open.host());
+    assert_eq!(pull_ok(&daemon, &single_tag, None).await, config);
+    let list_tag = format!("{}/docker/list:v1", open.host());
+    assert_eq!(pull_ok(&daemon, &list_tag, None).await, list_config);
+
+    let records = containerd.image_records();
+    for (tag, digest_ref, id, media_type) in [
+        (&single_tag, &single_ref, &config, DOCKER_MANIFEST),
+        (&list_tag, &list_ref, &list_config, DOCKER_MANIFEST_LIST),
+    ] {
+        let target = digest_ref.rsplit_once('@').map(|(_, d)| d).expect("digest");
+        let names: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| r.target == target)
+            .inspect(|r| assert_eq!(r.media_type, media_type, "{r:?}"))
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            BTreeSet::from([tag.as_str(), digest_ref.as_str(), id.as_str()])
+        );
+        let theirs = containerd_cri_status(&containerd, tag).await;
+        let ours = status(daemon.socket(), tag).await.expect("ImageStatus");
+        assert_eq!(comparable(&ours), comparable(&theirs), "{tag}");
+        assert!(containerd.is_unpacked(tag), "{tag}");
+    }
+    let labels = containerd
+        .content_labels(single_ref.rsplit_once('@').map(|(_, d)| d).expect("digest"))
+        .expect("manifest in the content store");
+    assert_eq!(
+        labels.get("containerd.io/gc.ref.content.config"),
+        Some(&config)
+    );
+    assert_eq!(
+        containerd.run_ok(&single_tag, &["/bin/cat", "/app/hello.txt"]),
+        "docker schema 2\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_an_image_with_zstd_layers() {
+    let (containerd, open) = start(Registry::open);
+    let image = images::busybox().app_text("zstd layers\n").build();
+    let (digest_ref, manifest) = push_converted(
+        &image,
+        &open,
+        "zstd/app",
+        &["--dest-compress-format", "zstd"],
+    );
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert!(
+        layers
+            .iter()
+            .all(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"),
+        "{manifest}"
+    );
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .expect("config")
+        .to_owned();
+    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+    let tag = format!("{}/zstd/app:latest", open.host());
+    assert_eq!(pull_ok(&daemon, &tag, None).await, config);
+    // Same uncompressed content, so the same chain IDs as the gzip build.
+    for chain in chain_ids(&image.host().diff_ids) {
+        assert_eq!(
+            containerd.snapshot(&chain).map(|(kind, _)| kind).as_deref(),
+            Some("Committed"),
+            "{chain}"
+        );
+    }
+    let theirs = containerd_cri_status(&containerd, &digest_ref).await;
+    let ours = status(daemon.socket(), &digest_ref)
+        .await
+        .expect("ImageStatus");
+    assert_eq!(comparable(&ours), comparable(&theirs));
+    assert_eq!(
+        containerd.run_ok(&tag, &["/bin/cat", "/app/hello.txt"]),
+        "zstd layers\n"
     );
 }

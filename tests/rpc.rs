@@ -327,15 +327,64 @@ async fn list_and_stream_images_return_every_image_and_filter_by_name() {
     streamed.sort_by(|a, b| a.id.cmp(&b.id));
     listed.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(streamed, listed);
+
+    // An image containerd's own CRI pulled is listed too, the way containerd lists it.
+    containerd.add_registry(&open);
+    let third = images::busybox()
+        .app_text("pulled by containerd\n")
+        .build()
+        .push(&open, "rpc/third");
+    let pulled = cri::connect(containerd.socket())
+        .await
+        .pull_image(cri::pull_request(&third.reference, None))
+        .await
+        .expect("containerd's CRI pull")
+        .into_inner()
+        .image_ref;
+    assert_eq!(pulled, third.config_digest);
+    let ours = status(socket, &third.reference)
+        .await
+        .expect("cri-imaged sees containerd's pull");
+    let theirs = status(containerd.socket(), &third.reference)
+        .await
+        .expect("containerd's CRI ImageStatus");
+    assert_eq!(
+        (&ours.id, &ours.repo_tags, &ours.repo_digests, ours.size),
+        (
+            &theirs.id,
+            &theirs.repo_tags,
+            &theirs.repo_digests,
+            theirs.size
+        )
+    );
+    assert_eq!(list(socket, None).await.len(), 3);
+    // Pulling it again through cri-imaged reuses containerd's content and snapshots.
+    assert_eq!(
+        pull_ok(&daemon, &third.reference).await,
+        third.config_digest
+    );
+    assert_eq!(list(socket, None).await.len(), 3);
+
+    // A restarted daemon finds everything again: the state lives in containerd.
+    let before = {
+        let mut images = list(socket, None).await;
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        images
+    };
+    drop(daemon);
+    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+    let mut after = list(daemon.socket(), None).await;
+    after.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(after, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_image_removes_every_name_and_collects_the_content_synchronously() {
     let (containerd, open) = start(Registry::open);
-    let by_tag = images::busybox()
-        .app_text("removed by tag\n")
-        .build()
-        .push(&open, "rm/tag");
+    let by_tag_image = images::busybox().app_text("removed by tag\n").build();
+    let by_tag = by_tag_image.push(&open, "rm/tag");
+    // A second tag of the same image: removing by one tag removes it too.
+    let also = common::must(by_tag_image.push_as(&open, "rm/tag", "also", None));
     let by_id = images::busybox()
         .app_text("removed by id\n")
         .build()
@@ -345,7 +394,7 @@ async fn remove_image_removes_every_name_and_collects_the_content_synchronously(
         .build()
         .push(&open, "rm/kept");
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
-    for pushed in [&by_tag, &by_id, &kept] {
+    for pushed in [&by_tag, &also, &by_id, &kept] {
         pull_ok(&daemon, &pushed.reference).await;
         // containerd's CRI must have seen it, so its disappearing later means something.
         wait_containerd_cri(&containerd, &pushed.reference, true).await;
@@ -367,6 +416,7 @@ async fn remove_image_removes_every_name_and_collects_the_content_synchronously(
     );
     for name in [
         &by_tag.reference,
+        &also.reference,
         &by_tag.digest_reference,
         &by_tag.config_digest,
     ] {
@@ -386,6 +436,7 @@ async fn remove_image_removes_every_name_and_collects_the_content_synchronously(
         "a layer other images use was collected"
     );
     wait_containerd_cri(&containerd, &by_tag.reference, false).await;
+    wait_containerd_cri(&containerd, &also.reference, false).await;
 
     // Removing again, by any name, is a no-op success.
     remove(&daemon, &by_tag.reference).await;
