@@ -514,6 +514,20 @@ async fn image_fs_info_and_health_report_and_cli_subcommands_work() {
     );
     assert!(image_fs.timestamp > 0);
     assert!(!fs.container_filesystems.is_empty(), "{fs:?}");
+    // containerd's own CRI names the same filesystem.
+    let theirs = cri::connect(containerd.socket())
+        .await
+        .image_fs_info(proto::ImageFsInfoRequest {})
+        .await
+        .expect("containerd's ImageFsInfo")
+        .into_inner();
+    assert_eq!(
+        theirs
+            .image_filesystems
+            .first()
+            .and_then(|f| f.fs_id.clone()),
+        image_fs.fs_id.clone()
+    );
 
     // The CLI, as crictl would be used.
     let run = |sub: &str, args: &[&str]| {
