@@ -1,8 +1,9 @@
 //! PullImage over cri-imaged's unix socket against a real containerd and real
 //! docker-registry instances: the records, labels and snapshots containerd's own CRI
-//! would write, containerd's CRI seeing the same image, multi-arch selection, the
-//! image user, idempotent and concurrent pulls, every kind of request credential, and
-//! pulls by digest.
+//! would write, containerd's CRI seeing the same image, multi-arch selection (OCI
+//! index and Docker manifest list), Docker schema 2 and zstd layers, the image user,
+//! idempotent and concurrent pulls, every kind of request credential, pulls by digest
+//! and a tag that moved.
 
 mod common;
 
@@ -467,6 +468,21 @@ async fn multi_arch_index_selects_the_configured_platform_and_keeps_the_index_as
     assert_eq!(comparable(&ours), comparable(&theirs));
     assert_eq!(ours.id, host.config.digest);
     assert!(containerd.is_unpacked(&pushed.reference));
+
+    // Removing it takes every name, the index and the host manifest's content.
+    daemon
+        .client()
+        .await
+        .remove_image(proto::RemoveImageRequest {
+            image: Some(cri::image_spec(&pushed.reference)),
+        })
+        .await
+        .expect("RemoveImage");
+    assert!(containerd.image_records().is_empty());
+    let content: BTreeSet<String> = containerd.content().into_iter().map(|c| c.digest).collect();
+    for digest in [&pushed.digest, &host.manifest.digest, &host.config.digest] {
+        assert!(!content.contains(digest), "{digest} left after RemoveImage");
+    }
 
     // `[pull] platform` picks the other manifest instead.
     let platform_daemon = DaemonConfig::new(&other_containerd)
@@ -1008,4 +1024,69 @@ async fn pulls_an_image_with_zstd_layers() {
         .expect("ImageStatus");
     assert_eq!(comparable(&ours), comparable(&theirs));
     assert_app_text(&containerd, &tag, "zstd layers\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_different_images_sharing_a_layer_all_succeed() {
+    let (containerd, open) = start(Registry::open);
+    // Every busybox image shares the busybox layer: the pulls race to write the same
+    // blob and commit the same snapshot (kubelet pulls in parallel when
+    // serializeImagePulls is false).
+    let pushed: Vec<PushedImage> = (0..4)
+        .map(|i| {
+            images::busybox()
+                .app_text(&format!("parallel {i}\n"))
+                .build()
+                .push(&open, &format!("parallel/app{i}"))
+        })
+        .collect();
+    let shared = &pushed[0].manifests[0].layers[0].digest;
+    assert!(pushed
+        .iter()
+        .all(|p| &p.manifests[0].layers[0].digest == shared));
+    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+
+    let results =
+        futures_util::future::join_all(pushed.iter().map(|p| pull(&daemon, &p.reference, None)))
+            .await;
+    for (p, result) in pushed.iter().zip(results) {
+        match result {
+            Ok(id) => assert_eq!(id, p.config_digest),
+            Err(s) => panic!(
+                "pulling {} alongside the others: {:?}: {}\ndaemon log:\n{}",
+                p.reference,
+                s.code(),
+                s.message(),
+                daemon.log()
+            ),
+        }
+    }
+    for (i, p) in pushed.iter().enumerate() {
+        assert!(containerd.is_unpacked(&p.reference), "{}", p.reference);
+        for chain in chain_ids(&p.manifests[0].diff_ids) {
+            assert_eq!(
+                containerd.snapshot(&chain).map(|(kind, _)| kind).as_deref(),
+                Some("Committed"),
+                "{chain}"
+            );
+        }
+        if i == 0 {
+            assert_app_text(&containerd, &p.reference, "parallel 0\n");
+        }
+    }
+    assert_eq!(list_ids(&daemon).await.len(), 4);
+}
+
+async fn list_ids(daemon: &Daemon) -> BTreeSet<String> {
+    daemon
+        .client()
+        .await
+        .list_images(proto::ListImagesRequest { filter: None })
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
 }
