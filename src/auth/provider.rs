@@ -14,6 +14,10 @@
 //! - a response is cached under the image, its registry host or one global key, for
 //!   its `cacheDuration`, else the provider's `defaultCacheDuration`; zero means
 //!   "do not cache". A lookup consults the image, then the registry, then the global entry.
+//!
+//! Where we differ: `tokenAttributes` (service-account tokens for plugins) is accepted
+//! and ignored with a warning, as there is no pod to bind a token to; unknown fields in
+//! a response are ignored rather than rejected; matching providers run concurrently.
 
 use crate::auth::matcher::{AuthKey, ImageLocation, Matching};
 use crate::reference::Reference;
@@ -104,15 +108,15 @@ pub enum ProviderError {
 enum ExecError {
     #[error("could not encode the request: {0}")]
     Encode(#[source] serde_json::Error),
-    #[error("could not start it: {0}")]
+    #[error("could not start the plugin: {0}")]
     Spawn(#[source] io::Error),
-    #[error("could not collect its output: {0}")]
+    #[error("could not collect the plugin's output: {0}")]
     Wait(#[source] io::Error),
     #[error("no answer within {0:?}; killed")]
     Timeout(Duration),
-    #[error("it exited with {status}; stderr: {stderr:?}")]
+    #[error("the plugin exited with {status}; stderr: {stderr:?}")]
     Exit { status: ExitStatus, stderr: String },
-    #[error("its stdout is not a JSON object ({category} error at line {line} column {column})")]
+    #[error("the plugin's stdout is not a JSON object ({category} error at line {line} column {column})")]
     NotJson {
         category: &'static str,
         line: usize,
@@ -834,7 +838,20 @@ impl Provider {
                 })
                 .clone()
         };
-        flight.await
+        let answer = flight.clone().await;
+        if answer.is_none() {
+            // `run` clears its own entry; this covers a run that panicked, so a
+            // dead flight cannot answer for the image forever.
+            let mut state = self.lock();
+            if state
+                .inflight
+                .get(&request_image)
+                .is_some_and(|f| f.ptr_eq(&flight))
+            {
+                state.inflight.remove(&request_image);
+            }
+        }
+        answer
     }
 
     async fn run(
