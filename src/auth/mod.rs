@@ -5,6 +5,7 @@
 //! secret directories and credential providers join it with the credentials issue.
 
 pub mod matcher;
+pub mod provider;
 
 use crate::reference::Reference;
 use crate::registry::Credential;
