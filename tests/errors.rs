@@ -340,6 +340,10 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
     let message = status.message();
     assert!(message.contains(&containerd.address()), "{message}");
     assert!(
+        message.contains("No such file or directory") && !message.contains("ConnectError"),
+        "the message should give the cause, not a debug dump: {message}"
+    );
+    assert!(
         !message.starts_with("RegistryUnavailable"),
         "containerd being down is not the registry's fault: {message}"
     );

@@ -318,6 +318,11 @@ async fn credentials_go_over_plain_http_only_to_registries_configured_insecure()
         "{}",
         status.message()
     );
+    assert!(
+        status.message().contains("insecure = true"),
+        "the message should hint at configuring the registry insecure: {}",
+        status.message()
+    );
     // Only a TLS hello reached it, which is no HTTP request at all.
     let seen = plain.requests();
     assert!(

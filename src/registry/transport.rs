@@ -306,10 +306,20 @@ impl Transport {
 fn hop_error(url: &Url, e: HopError) -> RegistryError {
     match e {
         HopError::Setup(e) => e,
-        HopError::Http(e) => RegistryError::Unreachable {
-            host: authority(url),
-            detail: cause_chain(&e),
-        },
+        HopError::Http(e) => {
+            let mut detail = cause_chain(&e);
+            // rustls' words for "the server answered TLS with plain HTTP".
+            if url.scheme() == "https" && detail.contains("InvalidContentType") {
+                detail.push_str(
+                    " (the registry seems to speak plain HTTP; if that is intended, mark it \
+                     `insecure = true` in registries.conf)",
+                );
+            }
+            RegistryError::Unreachable {
+                host: authority(url),
+                detail,
+            }
+        }
         HopError::NoResponse(after) => RegistryError::Unreachable {
             host: authority(url),
             detail: format!("no response within {} s", after.as_secs()),

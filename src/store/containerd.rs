@@ -108,7 +108,7 @@ impl ContainerdStore {
             // tonic reports a socket it cannot dial (missing, refused) as Unavailable too.
             Code::Unavailable => StoreError::Unavailable {
                 address: self.address.to_string(),
-                source: Box::new(status),
+                detail: unavailable_detail(&status),
             },
             Code::NotFound => StoreError::NotFound { what: what() },
             _ => StoreError::Grpc { op, status },
@@ -314,5 +314,21 @@ mod tests {
     #[test]
     fn unique_suffixes_differ() {
         assert_ne!(unique_suffix(), unique_suffix());
+    }
+}
+
+/// What an operator needs from an Unavailable status: for a socket that cannot be
+/// dialled, the innermost cause ("No such file or directory (os error 2)") rather
+/// than tonic's debug dump of the transport error.
+fn unavailable_detail(status: &tonic::Status) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut deepest = None;
+    while let Some(e) = cause {
+        deepest = Some(e);
+        cause = e.source();
+    }
+    match deepest {
+        Some(e) => format!("cannot connect: {e}"),
+        None => status.message().to_string(),
     }
 }

@@ -135,12 +135,8 @@ pub trait ImageStore: Send + Sync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("containerd at {address} is unavailable: {source}")]
-    Unavailable {
-        address: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error("containerd at {address} is unavailable: {detail}")]
+    Unavailable { address: String, detail: String },
     #[error("content digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: String },
     #[error("{what} not found in containerd")]
