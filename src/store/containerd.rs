@@ -290,6 +290,22 @@ impl ImageStore for ContainerdStore {
     }
 }
 
+/// What an operator needs from an Unavailable status: for a socket that cannot be
+/// dialled, the innermost cause ("No such file or directory (os error 2)") rather
+/// than tonic's debug dump of the transport error.
+fn unavailable_detail(status: &tonic::Status) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut deepest = None;
+    while let Some(e) = cause {
+        deepest = Some(e);
+        cause = e.source();
+    }
+    match deepest {
+        Some(e) => format!("cannot connect: {e}"),
+        None => status.message().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,21 +330,5 @@ mod tests {
     #[test]
     fn unique_suffixes_differ() {
         assert_ne!(unique_suffix(), unique_suffix());
-    }
-}
-
-/// What an operator needs from an Unavailable status: for a socket that cannot be
-/// dialled, the innermost cause ("No such file or directory (os error 2)") rather
-/// than tonic's debug dump of the transport error.
-fn unavailable_detail(status: &tonic::Status) -> String {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    let mut deepest = None;
-    while let Some(e) = cause {
-        deepest = Some(e);
-        cause = e.source();
-    }
-    match deepest {
-        Some(e) => format!("cannot connect: {e}"),
-        None => status.message().to_string(),
     }
 }
