@@ -72,6 +72,8 @@ struct Subject {
     /// Per puller (index as in `Puller::BOTH`), one entry per round.
     cold: [Vec<Duration>; 2],
     warm: [Vec<Duration>; 2],
+    /// CPU seconds each process spent during each cold pull, per puller.
+    cold_cpu: [Vec<Cpu>; 2],
     /// Which puller went first, per round.
     first: Vec<Puller>,
 }
@@ -83,6 +85,7 @@ struct Bench {
     daemon: cri::Daemon,
     containerd_cri: ImageServiceClient<Channel>,
     daemon_cri: ImageServiceClient<Channel>,
+    registry_pid: u32,
     /// Things that went differently than planned (e.g. leftovers GC did not remove).
     notes: Vec<String>,
 }
@@ -154,14 +157,17 @@ fn main() {
             for puller in order {
                 bench.remove(&subject.pushed);
                 sync_disks();
+                let before = bench.cpu();
                 let cold = bench.pull(puller, &subject.pushed);
+                let cpu = bench.cpu().since(&before);
                 bench.check_unpacked(&subject.pushed);
                 let warm = bench.pull(puller, &subject.pushed);
                 let i = puller as usize;
                 subject.cold[i].push(cold);
                 subject.warm[i].push(warm);
+                subject.cold_cpu[i].push(cpu);
                 eprintln!(
-                    "  {} round {}: {} cold {:.3} s, warm {:.3} s",
+                    "  {} round {}: {} cold {:.3} s ({cpu}), warm {:.3} s",
                     subject.label,
                     round + 1,
                     puller.name(),
@@ -197,6 +203,7 @@ impl Subject {
             bytes,
             cold: [Vec::new(), Vec::new()],
             warm: [Vec::new(), Vec::new()],
+            cold_cpu: [Vec::new(), Vec::new()],
             first: Vec::new(),
         }
     }
@@ -208,7 +215,14 @@ impl Bench {
     fn start(containerd: Containerd, registry: &Registry, debug: bool) -> Bench {
         let daemon = DaemonConfig::new(&containerd)
             .registry(registry)
-            .env("RUST_LOG", if debug { "debug" } else { "info" })
+            .env(
+                "RUST_LOG",
+                if debug {
+                    "info,cri_imaged=debug"
+                } else {
+                    "info"
+                },
+            )
             .start();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -223,7 +237,17 @@ impl Bench {
             daemon,
             containerd_cri,
             daemon_cri,
+            registry_pid: registry.pid(),
             notes: Vec::new(),
+        }
+    }
+
+    /// CPU time so far of the three processes a pull keeps busy.
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            containerd: cpu_seconds(self.containerd.pid()),
+            cri_imaged: cpu_seconds(self.daemon.pid()),
+            registry: cpu_seconds(self.registry_pid),
         }
     }
 
@@ -410,6 +434,27 @@ fn print_report(subjects: &[Subject], rounds: usize) {
     }
     println!("ratio = cri-imaged median / containerd median (< 1: cri-imaged is faster)");
     println!();
+    println!("CPU seconds spent during a cold pull (median per process; 2 CPUs in all):");
+    println!(
+        "{:<18} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "image", "puller", "containerd", "cri-imaged", "registry", "total"
+    );
+    for subject in subjects {
+        for puller in Puller::BOTH {
+            let cpu = &subject.cold_cpu[puller as usize];
+            let of = |f: fn(&Cpu) -> f64| median_f64(cpu.iter().map(f).collect());
+            println!(
+                "{:<18} {:>11} {:>11.2} {:>11.2} {:>11.2} {:>11.2}",
+                subject.label,
+                puller.name(),
+                of(|c| c.containerd),
+                of(|c| c.cri_imaged),
+                of(|c| c.registry),
+                of(Cpu::total)
+            );
+        }
+    }
+    println!();
     println!("per round (seconds; * = pulled first in that round):");
     for subject in subjects {
         for round in 0..subject.first.len() {
@@ -436,7 +481,10 @@ fn print_report(subjects: &[Subject], rounds: usize) {
 
 /// The median in seconds (the mean of the middle two for an even count).
 fn median(times: &[Duration]) -> f64 {
-    let mut secs: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    median_f64(times.iter().map(Duration::as_secs_f64).collect())
+}
+
+fn median_f64(mut secs: Vec<f64>) -> f64 {
     secs.sort_by(f64::total_cmp);
     match secs.len() {
         0 => f64::NAN,
@@ -483,4 +531,55 @@ fn containerd_version() -> String {
 /// Flushes dirty pages (the previous pull's blobs and files) before a timed pull.
 fn sync_disks() {
     common::must(common::run(&mut Command::new("sync")));
+}
+
+/// CPU seconds (user + system) of the processes involved in a pull.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    containerd: f64,
+    cri_imaged: f64,
+    registry: f64,
+}
+
+impl Cpu {
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            containerd: self.containerd - before.containerd,
+            cri_imaged: self.cri_imaged - before.cri_imaged,
+            registry: self.registry - before.registry,
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.containerd + self.cri_imaged + self.registry
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU s: containerd {:.2}, cri-imaged {:.2}, registry {:.2}",
+            self.containerd, self.cri_imaged, self.registry
+        )
+    }
+}
+
+/// User + system CPU seconds of process `pid`, all threads (`/proc/PID/stat` fields
+/// 14 and 15, in clock ticks of 1/100 s on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> f64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{path}: no CPU time in field {}", i + 3)) as f64
+    };
+    // Field 3 (state) is index 0 here: utime is field 14, stime field 15.
+    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
 }

@@ -289,6 +289,11 @@ impl Containerd {
             .collect()
     }
 
+    /// The containerd process's ID (to read its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         read_log(&self.log)
