@@ -213,6 +213,8 @@ impl Bench {
     /// cri-imaged against `containerd`, allowed to reach `registry` over plain HTTP
     /// (containerd's CRI already is, through its hosts.toml).
     fn start(containerd: Containerd, registry: &Registry, debug: bool) -> Bench {
+        // Debug for cri-imaged's own phases only: h2/hyper at debug write a line per
+        // frame (14,000 per pull here), which slows the daemon and drowns the phases.
         let daemon = DaemonConfig::new(&containerd)
             .registry(registry)
             .env(
