@@ -447,6 +447,7 @@ impl Inner {
         for (i, download) in downloads.into_iter().enumerate() {
             download.join(at.image, &at.source.endpoint.host).await?;
             let layer = &manifest.layers[i];
+            let unpack_started = Instant::now();
             let chain_id = &chain_ids[i];
             let exists = self
                 .store_call(
@@ -470,6 +471,7 @@ impl Inner {
                     ),
                 )
                 .await?;
+                tracing::debug!(layer = i, digest = %layer.digest, elapsed_ms = unpack_started.elapsed().as_millis() as u64, "layer unpacked");
             }
             parent = Some(chain_id);
         }
@@ -744,6 +746,7 @@ async fn fetch_blob(
     labels: Labels,
 ) -> Result<(), BlobError> {
     let reference = format!("{kind}-{}", desc.digest);
+    let started = Instant::now();
     let result = fetch_blob_resuming(
         store,
         registry,
@@ -756,6 +759,9 @@ async fn fetch_blob(
         labels,
     )
     .await;
+    if result.is_ok() {
+        tracing::debug!(blob = %desc.digest, kind, size = desc.size, elapsed_ms = started.elapsed().as_millis() as u64, "blob stored");
+    }
     if result.is_err() {
         if let Err(e) = store.abort_ingest(&reference).await {
             tracing::debug!(reference, error = %e, "could not abort the ingest");

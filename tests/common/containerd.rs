@@ -270,6 +270,30 @@ impl Containerd {
             .any(|line| line.starts_with(image) && line.trim_end().ends_with("true"))
     }
 
+    /// Digests of every blob in the content store in `k8s.io` (`ctr content ls -q`).
+    pub fn content_digests(&self) -> Vec<String> {
+        self.ctr_ok(&["content", "ls", "-q"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Keys of every snapshot in `k8s.io` in this containerd's snapshotter.
+    pub fn snapshot_keys(&self) -> Vec<String> {
+        // Columns: KEY PARENT KIND.
+        self.ctr_ok(&["snapshots", "--snapshotter", &self.snapshotter, "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The containerd process's ID (to read its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         read_log(&self.log)

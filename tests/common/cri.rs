@@ -336,6 +336,11 @@ impl Daemon {
         &self.kubelet_root
     }
 
+    /// The cri-imaged process's ID (to read its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the daemon wrote to stdout and stderr so far (to assert that
     /// secrets never reach the log).
     pub fn log(&self) -> String {

@@ -282,6 +282,11 @@ impl Registry {
         self.token.as_ref()
     }
 
+    /// The docker-registry process's ID (to read its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The registry's own log (access log included).
     pub fn log(&self) -> String {
         read_log(&self.log)

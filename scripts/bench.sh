@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Benchmarks cri-imaged's PullImage against containerd's own CRI PullImage on the
+# same registry in one run and prints the ratio (benches/pull.rs). Run as root.
+# Knobs: BENCH_ROUNDS (default 3), BENCH_MB (default 200), BENCH_LOG_DIR (debug logs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) != 0 ]]; then
+  echo "bench.sh: the benchmark runs containerd; run as root: sudo $0" >&2
+  exit 1
+fi
+
+scripts/install-deps.sh
+[[ -x $HOME/.cargo/bin/cargo ]] && export PATH="$HOME/.cargo/bin:$PATH"
+
+# The bench profile is the release profile; the first build takes a few minutes.
+cargo bench --bench pull
