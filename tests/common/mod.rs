@@ -9,6 +9,7 @@
 //! - [`tls`]: a throwaway CA and the certificates/keys issued from it (openssl CLI).
 //! - [`images`]: OCI image layouts built here and pushed with skopeo.
 //! - [`cri`]: a tonic CRI client over a unix socket, and the cri-imaged `Daemon`.
+//! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
 //!
 //! Every instance owns its temp dir and ports, so tests run in parallel. Anything that
 //! cannot start fails the test with an install hint; nothing is skipped.
@@ -17,6 +18,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod images;
+pub mod records;
 pub mod registry;
 pub mod tls;
 pub mod token;
