@@ -785,16 +785,18 @@ async fn fetch_blob_resuming(
     reference: &str,
     labels: Labels,
 ) -> Result<(), BlobError> {
+    // One writer for every try: it holds what arrived before a break (some of it not
+    // yet sent to containerd), so the next request asks for the rest from there.
+    let mut writer = match store
+        .open_writer(lease, reference, desc)
+        .await
+        .map_err(BlobError::Store)?
+    {
+        Ingest::Present => return Ok(()),
+        Ingest::Writer(w) => w,
+    };
     let mut tries = 0;
     loop {
-        let mut writer = match store
-            .open_writer(lease, reference, desc)
-            .await
-            .map_err(BlobError::Store)?
-        {
-            Ingest::Present => return Ok(()),
-            Ingest::Writer(w) => w,
-        };
         let offset = writer.offset();
         let mut body = registry
             .fetch_blob(endpoint, repo, desc, offset, credential)
@@ -814,7 +816,7 @@ async fn fetch_blob_resuming(
             None => return writer.commit(labels).await.map_err(BlobError::Store),
             Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
                 tries += 1;
-                tracing::info!(blob = %desc.digest, error = %e, tries, "blob download broke off; resuming");
+                tracing::info!(blob = %desc.digest, error = %e, tries, offset = writer.offset(), "blob download broke off; resuming");
             }
             Some(e) => return Err(BlobError::Registry(Box::new(e))),
         }

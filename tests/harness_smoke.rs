@@ -122,10 +122,16 @@ async fn containerd_cri_pulls_built_images_from_open_and_htpasswd_registries_and
 
     // containerd's CRI unpacked into overlayfs; ctr runs the image, with its User.
     assert!(containerd.is_unpacked(&plain.reference));
-    let out = containerd.run_ok(&plain.reference, &["/bin/echo", "hi"]);
-    assert_eq!(out.trim(), "hi");
-    let out = containerd.run_ok(&nobody.reference, &["/bin/id", "-u"]);
-    assert_eq!(out.trim(), "65534");
+    // Judged by exit status: containerd 1.6 can lose a short-lived container's stdout
+    // under load (containerd#770), so an output comparison would flake.
+    containerd.run_ok(
+        &plain.reference,
+        &["/bin/sh", "-c", "[ \"$(echo hi)\" = hi ]"],
+    );
+    containerd.run_ok(
+        &nobody.reference,
+        &["/bin/sh", "-c", "[ \"$(id -u)\" = 65534 ]"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

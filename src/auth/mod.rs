@@ -14,6 +14,7 @@
 pub mod dockerconfig;
 pub mod files;
 pub mod matcher;
+pub mod provider;
 
 use crate::reference::Reference;
 use crate::registry::{Credential, RealmCredential, RealmCredentials};

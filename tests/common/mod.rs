@@ -10,6 +10,8 @@
 //! - [`images`]: OCI image layouts built here and pushed with skopeo.
 //! - [`cri`]: a tonic CRI client over a unix socket, and the cri-imaged `Daemon`.
 //! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
+//! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
+//! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
 //!
 //! Every instance owns its temp dir and ports, so tests run in parallel. Anything that
 //! cannot start fails the test with an install hint; nothing is skipped.
@@ -17,7 +19,9 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod fake_registry;
 pub mod images;
+pub mod leftovers;
 pub mod records;
 pub mod registry;
 pub mod tls;

@@ -1,0 +1,445 @@
+//! Registry misbehaviour, from an in-process fake registry, against the real daemon
+//! and a real containerd: corrupt and dropped blobs, cross-host redirects, error
+//! statuses, schema 1 and inconsistent images, credentials over plain HTTP, and a
+//! client that gives up mid-pull. Each failure must leave nothing in containerd and
+//! the daemon serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::containerd::{Containerd, ContainerdOptions};
+use common::cri::{self, proto, Daemon, DaemonConfig};
+use common::fake_registry::{FakeRegistry, Faults};
+use common::images::{self, OciImage, MEDIA_MANIFEST};
+use common::leftovers::{assert_nothing_left, assert_serving};
+use tonic::Code;
+
+/// containerd without its CRI plugin (cri-imaged does not need it; faster start).
+fn containerd() -> Containerd {
+    Containerd::start_with(ContainerdOptions {
+        cri: false,
+        ..Default::default()
+    })
+}
+
+/// A daemon storing into `containerd` whose registries.conf is `registries_conf`.
+fn daemon(containerd: &Containerd, registries_conf: &str) -> Daemon {
+    DaemonConfig::new(containerd)
+        .registries_conf(registries_conf)
+        .env("RUST_LOG", "cri_imaged=debug")
+        .start()
+}
+
+async fn pull(
+    daemon: &Daemon,
+    image: &str,
+    auth: Option<(&str, &str)>,
+) -> Result<String, tonic::Status> {
+    let mut client = daemon.client().await;
+    Ok(client
+        .pull_image(cri::pull_request(image, auth))
+        .await?
+        .into_inner()
+        .image_ref)
+}
+
+async fn pull_fails(
+    daemon: &Daemon,
+    image: &str,
+    auth: Option<(&str, &str)>,
+    code: Code,
+) -> tonic::Status {
+    match pull(daemon, image, auth).await {
+        Ok(id) => panic!("pull of {image} succeeded ({id}); expected {code:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "pull of {image}: {}", status.message());
+            status
+        }
+    }
+}
+
+/// The busybox image's first (largest) layer: the busybox binary.
+fn big_layer(image: &OciImage) -> String {
+    image.host().layers[0].digest.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_layer_is_data_loss_and_leaves_nothing() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/corrupt");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layer = big_layer(&image);
+
+    fake.set_faults(Faults {
+        corrupt_blob: Some(layer.clone()),
+        ..Default::default()
+    });
+    let status = pull_fails(&daemon, &reference, None, Code::DataLoss).await;
+    assert!(status.message().contains(&layer), "{}", status.message());
+    assert_nothing_left(&containerd, &[], "a corrupt layer");
+    assert_serving(daemon.socket()).await;
+
+    fake.set_faults(Faults::default());
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("pull once the layer is served right");
+    assert_eq!(id, image.host().config.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_dropped_mid_blob_resumes_with_a_range_request() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/resume");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layer = big_layer(&image);
+    let size = image.host().layers[0].size as usize;
+    let sent = size / 3;
+    assert!(sent > 0, "the busybox layer is {size} bytes");
+
+    fake.set_faults(Faults {
+        drop_blob_once: Some((layer.clone(), sent)),
+        ..Default::default()
+    });
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("the pull survives one dropped connection");
+    assert_eq!(id, image.host().config.digest);
+
+    let gets: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(&layer))
+        .collect();
+    assert!(gets.len() >= 2, "expected a retry: {gets:?}");
+    assert_eq!(gets[0].header("range"), None, "{gets:?}");
+    let range = gets[1]
+        .header("range")
+        .unwrap_or_else(|| panic!("the retry has no Range header: {gets:?}"));
+    let offset: usize = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("Range {range:?} is not `bytes=N-`"));
+    assert!(
+        offset > 0 && offset <= sent,
+        "resumed at {offset}, {sent} bytes were sent"
+    );
+    assert_eq!(gets[1].status, 206);
+    assert_nothing_left(&containerd, &containerd.image_names(), "a resumed pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_to_another_host_does_not_carry_the_credentials() {
+    let fake = FakeRegistry::start();
+    let storage = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/redirect");
+    storage.serve_image(&image, "faults/redirect");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+
+    let password = "redirect-S3cret";
+    fake.set_faults(Faults {
+        basic_auth: Some(("alice".into(), password.into())),
+        redirect_blobs_to: Some(storage.host()),
+        ..Default::default()
+    });
+    // Without credentials the registry refuses: credentials are really in play.
+    pull_fails(&daemon, &reference, None, Code::Unauthenticated).await;
+    fake.clear_requests();
+
+    let id = pull(&daemon, &reference, Some(("alice", password)))
+        .await
+        .expect("pull through the redirect");
+    assert_eq!(id, image.host().config.digest);
+    let seen = fake.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.path.contains("/manifests/") && r.status == 200 && r.has_authorization),
+        "the registry got the credentials: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r.is_blob() && r.status == 307 && r.has_authorization),
+        "blob GETs went to the registry with credentials and were redirected: {seen:?}"
+    );
+    let redirected = storage.requests();
+    assert!(
+        redirected.iter().any(|r| r.is_blob() && r.status == 200),
+        "the storage host served the blobs: {redirected:?}"
+    );
+    let leaked: Vec<_> = redirected.iter().filter(|r| r.has_authorization).collect();
+    assert!(
+        leaked.is_empty(),
+        "Authorization followed the redirect: {leaked:?}"
+    );
+    assert!(!daemon.log().contains(password));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/status");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+
+    // (HTTP status, Retry-After, expected code, what the message must say)
+    let cases = [
+        (429, Some("7"), Code::ResourceExhausted, "retry after 7 s"),
+        (503, None, Code::Unavailable, "RegistryUnavailable"),
+        (403, None, Code::PermissionDenied, "403"),
+    ];
+    for (http, retry_after, code, says) in cases {
+        let headers = retry_after
+            .map(|secs| vec![("Retry-After".to_owned(), secs.to_owned())])
+            .unwrap_or_default();
+        fake.set_faults(Faults {
+            manifest_status: Some((http, headers)),
+            ..Default::default()
+        });
+        let status = pull_fails(&daemon, &reference, None, code).await;
+        assert!(
+            status.message().contains(says),
+            "HTTP {http}: {}",
+            status.message()
+        );
+        if http == 503 {
+            assert!(status.message().starts_with("RegistryUnavailable"));
+        }
+        assert_nothing_left(&containerd, &[], &format!("HTTP {http}"));
+    }
+    fake.set_faults(Faults::default());
+
+    // A Docker schema 1 manifest (signed; no config, no diff IDs).
+    let schema1 = serde_json::json!({
+        "schemaVersion": 1,
+        "name": "faults/status",
+        "tag": "schema1",
+        "architecture": images::host_arch(),
+        "fsLayers": [{"blobSum": big_layer(&image)}],
+        "history": [{"v1Compatibility": "{}"}],
+        "signatures": [],
+    });
+    fake.put_manifest(
+        "faults/status",
+        "schema1",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        serde_json::to_vec(&schema1).expect("schema 1 JSON"),
+    );
+    let status = pull_fails(
+        &daemon,
+        &format!("{}/faults/status:schema1", fake.host()),
+        None,
+        Code::FailedPrecondition,
+    )
+    .await;
+    assert!(
+        status.message().contains("schema 1") && status.message().contains("not supported"),
+        "{}",
+        status.message()
+    );
+    assert_nothing_left(&containerd, &[], "a schema 1 manifest");
+
+    // The config lists one diff ID fewer than the manifest has layers.
+    let host = image.host();
+    let config_bytes = fake.blob(&host.config.digest).expect("config blob");
+    let mut config: serde_json::Value = serde_json::from_slice(&config_bytes).expect("config JSON");
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .expect("diff_ids");
+    diff_ids.pop();
+    let config_bytes = serde_json::to_vec(&config).expect("config JSON");
+    let config_size = config_bytes.len();
+    let config_digest = fake.put_blob(config_bytes);
+    let manifest_bytes = fake.blob(&host.manifest.digest).expect("manifest blob");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_bytes).expect("manifest JSON");
+    manifest["config"]["digest"] = serde_json::json!(config_digest);
+    manifest["config"]["size"] = serde_json::json!(config_size);
+    fake.put_manifest(
+        "faults/status",
+        "short-diff-ids",
+        MEDIA_MANIFEST,
+        serde_json::to_vec(&manifest).expect("manifest JSON"),
+    );
+    let status = pull_fails(
+        &daemon,
+        &format!("{}/faults/status:short-diff-ids", fake.host()),
+        None,
+        Code::FailedPrecondition,
+    )
+    .await;
+    assert!(
+        status.message().contains("invalid image") && status.message().contains("diff ID"),
+        "{}",
+        status.message()
+    );
+    assert_nothing_left(&containerd, &[], "a config with too few diff IDs");
+
+    assert_serving(daemon.socket()).await;
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("a good pull after the faults");
+    assert_eq!(id, host.config.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_over_plain_http_only_to_registries_configured_insecure() {
+    let plain = FakeRegistry::start();
+    let insecure = FakeRegistry::start();
+    let image = images::busybox().build();
+    let plain_ref = plain.serve_image(&image, "faults/plain");
+    let insecure_ref = insecure.serve_image(&image, "faults/plain");
+    let faults = Faults {
+        basic_auth: Some(("alice".into(), "plain-S3cret".into())),
+        ..Default::default()
+    };
+    plain.set_faults(faults.clone());
+    insecure.set_faults(faults);
+    let containerd = containerd();
+    // Only `insecure` is configured insecure; `plain` gets the default (HTTPS only).
+    let daemon = daemon(&containerd, &insecure.insecure_entry());
+
+    let status = pull_fails(
+        &daemon,
+        &plain_ref,
+        Some(("alice", "plain-S3cret")),
+        Code::Unavailable,
+    )
+    .await;
+    assert!(
+        status.message().starts_with("RegistryUnavailable"),
+        "{}",
+        status.message()
+    );
+    // Only a TLS hello reached it, which is no HTTP request at all.
+    let seen = plain.requests();
+    assert!(
+        seen.iter().all(|r| !r.has_authorization),
+        "credentials went over plain HTTP: {seen:?}"
+    );
+    assert!(seen.is_empty(), "no HTTP request was expected: {seen:?}");
+    assert_nothing_left(&containerd, &[], "a refused plain-HTTP registry");
+
+    let id = pull(&daemon, &insecure_ref, Some(("alice", "plain-S3cret")))
+        .await
+        .expect("pull from the registry configured insecure");
+    assert_eq!(id, image.host().config.digest);
+    let seen = insecure.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.path.contains("/manifests/") && r.status == 200 && r.has_authorization),
+        "the insecure registry got Basic credentials: {seen:?}"
+    );
+    assert!(!daemon.log().contains("plain-S3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_giving_up_mid_pull_leaves_the_daemon_serving() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/cancel");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layer = big_layer(&image);
+
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 16 * 1024)],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let started = fake
+        .wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
+        .await;
+    assert!(started.is_some(), "the layer download never started");
+    // The client goes away (kubelet's context cancelled): the request future is dropped.
+    pulling.abort();
+    assert!(pulling.await.is_err_and(|e| e.is_cancelled()));
+
+    assert_serving(daemon.socket()).await;
+    let mut client = daemon.client().await;
+    client
+        .image_fs_info(proto::ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo while an abandoned pull is stalled");
+
+    fake.release(&layer);
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("the image can be pulled after the cancelled pull");
+    assert_eq!(id, image.host().config.digest);
+    assert_nothing_left(
+        &containerd,
+        &containerd.image_names(),
+        "the pull after a cancel",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
+    let fake = FakeRegistry::start();
+    let image = images::random_image(6 << 20, 2, "parallel");
+    let reference = fake.serve_image(&image, "faults/parallel");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layers = &image.host().layers;
+    let (bad, busy) = (layers[0].digest.clone(), layers[1].digest.clone());
+
+    // Layer 1 sends 2 MiB (more than the daemon gathers before writing to
+    // containerd) and stalls; layer 0 is corrupt and held back until layer 1's
+    // ingest holds data, so it fails while layer 1 is mid-download.
+    fake.set_faults(Faults {
+        corrupt_blob: Some(bad.clone()),
+        stall_blobs: vec![(busy.clone(), 2 << 20), (bad.clone(), 1024)],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let busy_hex = busy.trim_start_matches("sha256:").to_owned();
+    let writing = wait_until(|| {
+        // REF SIZE AGE; SIZE is human-readable ("0B", "1.049MB").
+        let active = containerd.ctr_ok(&["content", "active"]);
+        active
+            .lines()
+            .any(|l| l.contains(&busy_hex) && l.split_whitespace().nth(1) != Some("0B"))
+    })
+    .await;
+    assert!(writing, "layer 1 never reached containerd");
+    fake.release(&bad);
+
+    let status = match pulling.await.expect("pull task") {
+        Ok(r) => panic!("pull with a corrupt layer succeeded: {:?}", r.into_inner()),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::DataLoss, "{}", status.message());
+    assert!(status.message().contains(&bad), "{}", status.message());
+    assert_nothing_left(&containerd, &[], "a layer failing mid-pull");
+
+    fake.set_faults(Faults::default());
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("pull once the layer is served right");
+    assert_eq!(id, image.host().config.digest);
+}
+
+/// Polls `ready` (a blocking check) every 50 ms; `false` if it never held within a
+/// minute (which only bounds a hang).
+async fn wait_until(mut ready: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
