@@ -2,7 +2,8 @@
 //! CRI ImageService and gRPC health until shutdown.
 
 use crate::auth::files::FileSettings;
-use crate::auth::{Keyring, KeyringSettings};
+use crate::auth::provider::{ProviderError, Providers};
+use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::cri::ImageServiceImpl;
@@ -40,6 +41,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -98,7 +101,15 @@ pub fn keyring(config: &Config) -> Result<Keyring, ServerError> {
             secret_dirs: c.secret_dirs.clone(),
         },
     };
-    Ok(Keyring::new(settings, None))
+    let providers: Option<Arc<dyn ProviderSource>> = if c.provider_config.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Arc::new(Providers::load(
+            &c.provider_config,
+            &c.provider_bin_dir,
+        )?))
+    };
+    Ok(Keyring::new(settings, providers))
 }
 
 /// Binds `path`: creates its directory, replaces a stale socket (refusing one that a

@@ -482,6 +482,79 @@ async fn identity_token_and_delegated_realm_credentials_against_token_servers() 
     assert_no_secret("daemon log", &daemon.log(), &[CARL, &refresh]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_provider_plugin_end_to_end_after_node_files() {
+    const PASSWORD: &str = "fay-pw-a7c1";
+    let (containerd, registries) = start(vec![Box::new(|| Registry::htpasswd("fay", PASSWORD))]);
+    let registry = &registries[0];
+    let pushed = images::busybox().build().push(registry, "team/app");
+    let port = registry.host().rsplit(':').next().expect("port");
+    let plugins = tempfile::tempdir().expect("temp dir");
+    let bin = plugins.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    // A shell plugin, as kubelet runs them: request on stdin, response on stdout.
+    let request_copy = plugins.path().join("request.json");
+    let script = format!(
+        "#!/bin/sh\ncat > \"{}\"\nprintf '%s' '{{\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"kind\":\"CredentialProviderResponse\",\"cacheKeyType\":\"Registry\",\"cacheDuration\":\"60s\",\"auth\":{{\"*.0.0.1:{port}\":{{\"username\":\"fay\",\"password\":\"{PASSWORD}\"}}}}}}'\n",
+        request_copy.display()
+    );
+    let plugin = bin.join("test-plugin");
+    std::fs::write(&plugin, script).expect("plugin");
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let config = plugins.path().join("providers.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: test-plugin\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n    defaultCacheDuration: \"1m\"\n    matchImages:\n      - \"*.0.0.1:{port}\"\n"
+        ),
+    )
+    .expect("provider config");
+    // A wrong node-file credential comes first; the provider's is tried after it.
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(registry)
+        .docker_config(&config_json(&[(
+            registry.host(),
+            auth_entry("fay", "wrong-pw-31b8"),
+        )]))
+        .credentials_line(&format!("provider_config = \"{}\"", config.display()))
+        .credentials_line(&format!("provider_bin_dir = \"{}\"", bin.display()))
+        .start();
+    assert_eq!(
+        pull_ok(&daemon, &pushed.reference, None).await,
+        pushed.config_digest
+    );
+    let request = std::fs::read_to_string(&request_copy).expect("the plugin ran");
+    assert!(
+        request.contains(&format!("{}/team/app", registry.host())),
+        "{request}"
+    );
+    let log = daemon.log();
+    assert_eq!(refused_lines(&log).len(), 1, "{log}");
+    assert!(
+        pulled_lines(&log)[0].contains("credential_source=provider:test-plugin"),
+        "{log}"
+    );
+    assert_no_secret("daemon log", &log, &[PASSWORD, "wrong-pw-31b8"]);
+
+    // explain runs the providers too and shows them after the node file.
+    let out = daemon_explain(&daemon, &pushed.reference);
+    let sources: Vec<&str> = out["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .filter_map(|c| c["source"].as_str())
+        .collect();
+    assert_eq!(sources.len(), 2, "{out}");
+    assert!(sources[0].ends_with("config.json"), "{out}");
+    assert_eq!(sources[1], "provider:test-plugin");
+}
+
+/// `cri-imaged explain --config <the daemon's config> IMAGE`.
+fn daemon_explain(daemon: &Daemon, image: &str) -> serde_json::Value {
+    explain(daemon.config_path(), image).0
+}
+
 /// Writes a daemon config for `explain` (no daemon runs) and returns its path.
 fn explain_setup(dir: &Path, matching: &str) -> std::path::PathBuf {
     let kubelet = dir.join("kubelet");

@@ -21,6 +21,7 @@ use crate::registry::{Credential, RealmCredential, RealmCredentials};
 use base64::Engine as _;
 use files::{FileKeyring, FileSettings};
 use matcher::{AuthKey, ImageLocation, Matching};
+use provider::{ProvidedAuth, Providers};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -133,21 +134,20 @@ impl Candidate {
     }
 }
 
-/// Credentials from a credential provider, before matching.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Provided {
-    /// The provider's name (from its config).
-    pub provider: String,
-    /// The key the provider returned (`auth` map key: a glob and path prefix too).
-    pub key: String,
-    pub credential: Credential,
-}
-
-/// Kubelet credential-provider plugins, as the keyring sees them.
+/// Kubelet credential-provider plugins, as the keyring sees them: [`Providers`],
+/// or a fake in unit tests.
 #[async_trait::async_trait]
 pub trait ProviderSource: Send + Sync + fmt::Debug {
-    /// Every credential the providers whose `matchImages` match `image` return.
-    async fn lookup(&self, image: &Reference) -> Vec<Provided>;
+    /// Every credential the providers whose `matchImages` match `image` return,
+    /// before the keyring matches their keys.
+    async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth>;
+}
+
+#[async_trait::async_trait]
+impl ProviderSource for Providers {
+    async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth> {
+        Providers::lookup(self, image).await
+    }
 }
 
 /// What the keyring reads; `[credentials]` of the config.
@@ -557,8 +557,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ProviderSource for FakeProviders {
-        async fn lookup(&self, image: &Reference) -> Vec<Provided> {
-            let p = |key: &str, user: &str| Provided {
+        async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth> {
+            let p = |key: &str, user: &str| ProvidedAuth {
                 provider: "fake".into(),
                 key: key.into(),
                 credential: Credential::Basic {
