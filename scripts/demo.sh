@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Demo: a private image on a TLS + basic-auth registry, pulled by cri-imaged over its
-# CRI socket with credentials, listed, then run by containerd, which never pulled it.
+# CRI socket with credentials found through a glob key in the node's config.json (as
+# kubelet reads it), listed, then run by containerd, which never pulled it.
 # Everything lives in a temp dir and is stopped and removed on exit. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -174,6 +175,13 @@ echo "containerd: $sock"
 say "cri-imaged, trusting the registry CA as ca.d/127.0.0.1..$port"
 mkdir -p "$tmp/cri-imaged/ca.d" "$tmp/cri-imaged/kubelet"
 cp "$tmp/ca.crt" "$tmp/cri-imaged/ca.d/127.0.0.1..$port"
+# The node's credentials, where kubelet looks first: {root-dir}/config.json. The key
+# is a glob with a path prefix: `*` stands for one host label, `/demo` for every
+# repository under demo/.
+key="127.0.0.*:$port/demo"
+auth=$(printf '%s:%s' "$user" "$pass" | base64 -w0)
+printf '{"auths": {"%s": {"auth": "%s"}}}\n' "$key" "$auth" >"$tmp/cri-imaged/kubelet/config.json"
+echo "$tmp/cri-imaged/kubelet/config.json: {\"auths\": {\"$key\": {\"auth\": \"<base64 $user:password>\"}}}"
 : >"$tmp/cri-imaged/registries.conf"
 cri_sock=$tmp/cri-imaged/cri-imaged.sock
 cat >"$tmp/cri-imaged/config.toml" <<TOML
@@ -198,9 +206,12 @@ pids+=($!)
 wait_for cri-imaged 30 "${pids[-1]}" test -S "$cri_sock"
 endpoint=unix://$cri_sock
 
-say "Pull over the CRI socket with credentials"
-echo "+ $bin pull --image-endpoint $endpoint --creds $user:<password> $image"
-"$bin" pull --image-endpoint "$endpoint" --creds "$user:$pass" "$image"
+say "Which credentials a pull would try, in order (never the secrets)"
+show "$bin" explain --config "$tmp/cri-imaged/config.toml" "$image"
+
+say "Pull over the CRI socket; the credentials come from the glob key"
+show "$bin" pull --image-endpoint "$endpoint" "$image"
+grep -F ' pulled ' "$tmp/cri-imaged.log" | sed 's/^/  log: /' 
 
 say "List images over the CRI socket"
 show "$bin" images --image-endpoint "$endpoint"
@@ -213,7 +224,7 @@ say "Run it with containerd"
 # runc's root in our temp dir: its default (/run/containerd/runc) is shared host-wide.
 show ctr -n k8s.io run --rm --runc-root "$tmp/containerd/state/runc" "$image" demo /bin/sh -c 'echo "hello from $(cat /hello.txt)"'
 
-if grep -qF "$pass" "$tmp/cri-imaged.log"; then
+if grep -qF -e "$pass" -e "$auth" "$tmp/cri-imaged.log"; then
   echo "the password appears in cri-imaged's log" >&2
   exit 1
 fi

@@ -1,6 +1,7 @@
 //! The daemon's configuration: plain data read from TOML, every default written
 //! out once here and in `deploy/config.example.toml`.
 
+use crate::auth::matcher::Matching;
 use crate::platform::PlatformSpec;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -95,12 +96,28 @@ impl Default for PullConfig {
 pub struct CredentialsConfig {
     /// kubelet's `--root-dir`; its `config.json` is the first node credentials file.
     pub kubelet_root_dir: PathBuf,
+    /// How `auths` keys match images: `kubelet` or `span-labels`.
+    pub matching: Matching,
+    /// Extra docker config.json-format files (podman's auth.json too), merged.
+    pub files: Vec<PathBuf>,
+    /// Directories of mounted pull secrets (`.dockerconfigjson` / `.dockercfg`, in
+    /// the directory itself or in each subdirectory).
+    pub secret_dirs: Vec<PathBuf>,
+    /// kubelet's `--image-credential-provider-config`; empty means no providers.
+    pub provider_config: PathBuf,
+    /// kubelet's `--image-credential-provider-bin-dir`.
+    pub provider_bin_dir: PathBuf,
 }
 
 impl Default for CredentialsConfig {
     fn default() -> Self {
         CredentialsConfig {
             kubelet_root_dir: PathBuf::from("/var/lib/kubelet"),
+            matching: Matching::Kubelet,
+            files: Vec::new(),
+            secret_dirs: Vec::new(),
+            provider_config: PathBuf::new(),
+            provider_bin_dir: PathBuf::new(),
         }
     }
 }
@@ -172,6 +189,15 @@ impl Config {
                 "must not be empty".into(),
             ));
         }
+        let credentials = &config.credentials;
+        if !credentials.provider_config.as_os_str().is_empty()
+            && credentials.provider_bin_dir.as_os_str().is_empty()
+        {
+            return Err(invalid(
+                "credentials.provider_bin_dir",
+                "must be set when credentials.provider_config is".into(),
+            ));
+        }
         if config.server.listen.as_os_str().is_empty() {
             return Err(invalid("server.listen", "must not be empty".into()));
         }
@@ -230,6 +256,46 @@ mod tests {
             c.credentials.kubelet_root_dir,
             d.credentials.kubelet_root_dir
         );
+        assert_eq!(c.credentials.matching, d.credentials.matching);
+        assert_eq!(c.credentials.files, d.credentials.files);
+        assert_eq!(c.credentials.secret_dirs, d.credentials.secret_dirs);
+        assert_eq!(c.credentials.provider_config, d.credentials.provider_config);
+        assert_eq!(
+            c.credentials.provider_bin_dir,
+            d.credentials.provider_bin_dir
+        );
+    }
+
+    #[test]
+    fn credentials_section_reads_every_key() {
+        let c = parse(
+            r#"
+[credentials]
+matching = "span-labels"
+files = ["/root/.config/containers/auth.json"]
+secret_dirs = ["/etc/pull-secrets"]
+provider_config = "/etc/kubernetes/credential-providers.yaml"
+provider_bin_dir = "/usr/libexec/kubernetes/credential-providers"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.credentials.matching, Matching::SpanLabels);
+        assert_eq!(
+            c.credentials.files,
+            vec![PathBuf::from("/root/.config/containers/auth.json")]
+        );
+        assert_eq!(
+            c.credentials.secret_dirs,
+            vec![PathBuf::from("/etc/pull-secrets")]
+        );
+        let e = parse("[credentials]\nmatching = \"fuzzy\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matching"), "{e}");
+        let e = parse("[credentials]\nprovider_config = \"/x.yaml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("credentials.provider_bin_dir"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,9 @@ enum Command {
         #[command(flatten)]
         endpoint: EndpointArg,
     },
+    /// Print, as JSON, the credentials a pull of IMAGE would try, in order (keys
+    /// and where they come from, never secrets), from the daemon's --config.
+    Explain { image: String },
 }
 
 #[derive(Args)]
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         None => runtime.block_on(serve(cli.config)),
+        Some(Command::Explain { image }) => runtime.block_on(explain(cli.config, &image)),
         Some(command) => match runtime.block_on(client(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -108,16 +112,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration at `path`, or the defaults; on error, the exit code.
+fn load_config(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    match path {
+        Some(path) => Config::load(path).map_err(|e| {
+            eprintln!("cri-imaged: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
+        None => Ok(Config::default()),
+    }
+}
+
 async fn serve(config_path: Option<PathBuf>) -> ExitCode {
-    let config = match &config_path {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("cri-imaged: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => Config::default(),
+    let config = match load_config(config_path.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let service = match cri_imaged::server::build_service(&config) {
         Ok(s) => s,
@@ -149,6 +158,63 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("cri-imaged: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `explain`: the candidates for each host the image would be pulled from, in trial
+/// order (anonymous, always last, is left out).
+async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
+    let config = match load_config(config_path.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let reference = match cri_imaged::reference::Reference::parse(image) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (keyring, policy) = match (
+        cri_imaged::server::keyring(&config),
+        cri_imaged::policy::Policy::load(&config.registry.registries_conf),
+    ) {
+        (Ok(k), Ok(p)) => (k, p),
+        (Err(e), _) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        (_, Err(e)) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut candidates = Vec::new();
+    for source in policy.sources(&reference) {
+        for c in keyring.configured(&source.reference).await {
+            candidates.push(serde_json::json!({
+                "key": c.key,
+                "source": c.source,
+                "kind": c.kind(),
+            }));
+        }
+    }
+    let out = serde_json::json!({
+        "image": reference.to_string(),
+        "candidates": candidates,
+        "matching": keyring.matching().to_string(),
+    });
+    match serde_json::to_string_pretty(&out) {
+        Ok(text) => {
+            use std::io::Write as _;
+            // A closed pipe is not worth a failure.
+            let _ = writeln!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cri-imaged: printing JSON: {e}");
             ExitCode::FAILURE
         }
     }
@@ -328,6 +394,8 @@ async fn client(command: Command) -> anyhow::Result<()> {
                 out!("Deleted: {image}");
             }
         }
+        // Dispatched in `main`: it reads the config and talks to no daemon.
+        Command::Explain { image } => anyhow::bail!("explain {image}: not a client command"),
         Command::Imagefsinfo { endpoint } => {
             let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
             let response = client

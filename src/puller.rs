@@ -250,11 +250,17 @@ impl Inner {
         auth: Option<&RequestAuth>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
-        let candidates = self.keyring.candidates(reference, auth)?;
         let mut attempts = Vec::new();
         let mut last_registry = reference.registry_host().to_string();
         for source in self.policy.sources(reference) {
             last_registry = source.endpoint.host.clone();
+            // Credentials are looked up for the host contacted; the request's (kubelet's
+            // match for the image) go only to the image's own registry, never to a
+            // mirror.
+            let request = auth.filter(|_| source.reference.domain() == reference.domain());
+            let candidates = self.keyring.candidates(&source.reference, request).await?;
+            // Anonymous comes last and is reached only when every credential was
+            // refused: any other failure ends the pull at once.
             for candidate in &candidates {
                 let attempt = Attempting {
                     image: reference,
@@ -268,10 +274,12 @@ impl Inner {
                             key = %candidate.key,
                             credential_source = %candidate.source,
                             kind = candidate.kind(),
+                            refused_before = attempts.len(),
                             image_id = %target.0,
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "pulled"
                         );
+                        self.keyring.remember(&source.reference, candidate);
                         return Ok(Pulled {
                             image_id: target.0,
                             target: target.1,
@@ -285,6 +293,7 @@ impl Inner {
                             registry = %source.endpoint.host,
                             key = %candidate.key,
                             credential_source = %candidate.source,
+                            kind = candidate.kind(),
                             status,
                             "credential refused; trying the next one"
                         );

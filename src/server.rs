@@ -1,7 +1,9 @@
 //! The daemon: wires config into the modules, binds the unix socket and serves the
 //! CRI ImageService and gRPC health until shutdown.
 
-use crate::auth::Keyring;
+use crate::auth::files::FileSettings;
+use crate::auth::provider::{ProviderError, Providers};
+use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::cri::ImageServiceImpl;
@@ -40,6 +42,8 @@ pub enum ServerError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -55,8 +59,11 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         &address,
         &config.containerd.namespace,
     )?);
+    let keyring = keyring(config)?;
+    keyring.preload();
     let registry = RegistryClient::new(ClientSettings {
         ca_dir: Some(config.registry.ca_dir.clone()),
+        realm_credentials: Some(Arc::new(keyring.clone())),
         ..ClientSettings::default()
     })?;
     let policy = Policy::load(&config.registry.registries_conf)?;
@@ -69,13 +76,40 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
-    let puller = Puller::new(store.clone(), registry, policy, Keyring::new(), settings);
+    let puller = Puller::new(store.clone(), registry, policy, keyring, settings);
     let catalog = Arc::new(Catalog::new(store, platform));
     Ok(ImageServiceImpl::new(
         puller,
         catalog,
         config.containerd.snapshotter.clone(),
     ))
+}
+
+/// The keyring `[credentials]` describes, for this process: kubelet's `{cwd}` and
+/// `$HOME` search paths are the daemon's own.
+pub fn keyring(config: &Config) -> Result<Keyring, ServerError> {
+    let c = &config.credentials;
+    let settings = KeyringSettings {
+        matching: c.matching,
+        files: FileSettings {
+            kubelet_root_dir: c.kubelet_root_dir.clone(),
+            cwd: std::env::current_dir().ok(),
+            home: std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(PathBuf::from),
+            files: c.files.clone(),
+            secret_dirs: c.secret_dirs.clone(),
+        },
+    };
+    let providers: Option<Arc<dyn ProviderSource>> = if c.provider_config.as_os_str().is_empty() {
+        None
+    } else {
+        Some(Arc::new(Providers::load(
+            &c.provider_config,
+            &c.provider_bin_dir,
+        )?))
+    };
+    Ok(Keyring::new(settings, providers))
 }
 
 /// Binds `path`: creates its directory, replaces a stale socket (refusing one that a

@@ -1,16 +1,30 @@
 //! Which credentials to try for a pull, in order.
 //!
-//! Today the keyring holds what the PullImageRequest carries (kubelet's match from
-//! the pod's imagePullSecrets) followed by anonymous access. Node config.json files,
-//! secret directories and credential providers join it with the credentials issue.
+//! Sources, merged into one [`Keyring`] and tried in this order:
+//! 1. the PullImageRequest's `AuthConfig` (kubelet's match from imagePullSecrets);
+//! 2. node files ([`files`]: kubelet's config.json / .dockercfg search paths and the
+//!    configured `files`) and 3. mounted pull-secret directories — together, every
+//!    matching key in the matcher's order, each key's credentials in source order;
+//! 4. credential providers, matched and ordered the same way among themselves;
+//! 5. anonymous, last.
+//!
+//! Lookups are for the host and repository actually contacted (a mirror's, not the
+//! image's), and the candidate that last worked for a repository is tried first.
 
+pub mod dockerconfig;
+pub mod files;
 pub mod matcher;
 pub mod provider;
 
 use crate::reference::Reference;
-use crate::registry::Credential;
+use crate::registry::{Credential, RealmCredential, RealmCredentials};
 use base64::Engine as _;
+use files::{FileKeyring, FileSettings};
+use matcher::{AuthKey, ImageLocation, Matching};
+use provider::{ProvidedAuth, Providers};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -105,29 +119,106 @@ impl Candidate {
             .as_ref()
             .map_or("anonymous", Credential::kind)
     }
+
+    /// What identifies this candidate across lookups: source, key and a hash of the
+    /// credential (a file edit that changes the password makes it another one).
+    fn identity(&self) -> (String, String, String) {
+        (
+            self.source.clone(),
+            self.key.clone(),
+            self.credential
+                .as_ref()
+                .map(Credential::fingerprint)
+                .unwrap_or_default(),
+        )
+    }
 }
 
-/// Resolves the ordered candidates for a pull.
+/// Kubelet credential-provider plugins, as the keyring sees them: [`Providers`],
+/// or a fake in unit tests.
+#[async_trait::async_trait]
+pub trait ProviderSource: Send + Sync + fmt::Debug {
+    /// Every credential the providers whose `matchImages` match `image` return,
+    /// before the keyring matches their keys.
+    async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth>;
+}
+
+#[async_trait::async_trait]
+impl ProviderSource for Providers {
+    async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth> {
+        Providers::lookup(self, image).await
+    }
+}
+
+/// What the keyring reads; `[credentials]` of the config.
 #[derive(Debug, Clone, Default)]
-pub struct Keyring {}
+pub struct KeyringSettings {
+    pub matching: Matching,
+    pub files: FileSettings,
+}
+
+/// Repositories whose last working candidate is remembered, at most.
+const MAX_REMEMBERED: usize = 4096;
+
+/// Resolves the ordered candidates for a pull; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    inner: Arc<KeyringInner>,
+}
+
+#[derive(Debug, Default)]
+struct KeyringInner {
+    matching: Matching,
+    files: Option<FileKeyring>,
+    providers: Option<Arc<dyn ProviderSource>>,
+    /// `domain/repository` → the candidate that last worked there.
+    remembered: Mutex<HashMap<String, (String, String, String)>>,
+}
 
 impl Keyring {
-    pub fn new() -> Self {
-        Keyring {}
+    /// Only the request's credential, then anonymous.
+    pub fn empty() -> Self {
+        Keyring::default()
     }
 
-    /// Candidates for pulling `image` from `host`: the request's credential first,
-    /// anonymous last.
-    pub fn candidates(
+    pub fn new(settings: KeyringSettings, providers: Option<Arc<dyn ProviderSource>>) -> Self {
+        Keyring {
+            inner: Arc::new(KeyringInner {
+                matching: settings.matching,
+                files: Some(FileKeyring::new(settings.files)),
+                providers,
+                remembered: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn matching(&self) -> Matching {
+        self.inner.matching
+    }
+
+    /// Reads every file now, so problems are logged when the daemon starts rather
+    /// than at the first pull.
+    pub fn preload(&self) {
+        if let Some(files) = &self.inner.files {
+            let n = files.entries().len();
+            tracing::info!(entries = n, matching = %self.inner.matching, "credentials loaded");
+        }
+    }
+
+    /// Candidates for pulling from `at` (the reference at the host actually
+    /// contacted): the request's credential first, then files and secrets, then
+    /// providers, then anonymous. The one that last worked for this repository goes
+    /// first among those after the request's.
+    pub async fn candidates(
         &self,
-        image: &Reference,
+        at: &Reference,
         request: Option<&RequestAuth>,
     ) -> Result<Vec<Candidate>, AuthError> {
         let mut out = Vec::new();
         if let Some(req) = request {
             if let Some(credential) = req.credential()? {
                 let key = if req.server_address.is_empty() {
-                    image.domain().to_string()
+                    at.domain().to_string()
                 } else {
                     req.server_address.clone()
                 };
@@ -138,8 +229,122 @@ impl Keyring {
                 });
             }
         }
+        let first_configured = out.len();
+        out.extend(self.configured(at).await);
+        let remembered = self
+            .inner
+            .remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&repository_key(at))
+            .cloned();
+        if let Some(id) = remembered {
+            if let Some(i) = out[first_configured..]
+                .iter()
+                .position(|c| c.identity() == id)
+            {
+                let c = out.remove(first_configured + i);
+                out.insert(first_configured, c);
+            }
+        }
         out.push(Candidate::anonymous());
         Ok(out)
+    }
+
+    /// Candidates from files, secrets and providers (what `explain` shows).
+    pub async fn configured(&self, at: &Reference) -> Vec<Candidate> {
+        let location = ImageLocation::new(at.domain(), at.path());
+        let mut out = Vec::new();
+        if let Some(files) = &self.inner.files {
+            let entries = files
+                .entries()
+                .into_iter()
+                .map(|e| (e.entry.key, e.source.to_string(), e.entry.credential));
+            out.extend(self.ordered(&location, entries));
+        }
+        if let Some(providers) = &self.inner.providers {
+            let provided = providers.lookup(at).await.into_iter().filter_map(|p| {
+                match AuthKey::parse(&p.key) {
+                    Ok(key) => Some((key, format!("provider:{}", p.provider), p.credential)),
+                    Err(e) => {
+                        tracing::warn!(provider = %p.provider, error = %e, "provider returned an unusable key; ignoring it");
+                        None
+                    }
+                }
+            });
+            out.extend(self.ordered(&location, provided));
+        }
+        out
+    }
+
+    /// The entries whose key matches, in the matcher's order; a stable sort keeps
+    /// each key's credentials in source order.
+    fn ordered(
+        &self,
+        location: &ImageLocation,
+        entries: impl Iterator<Item = (AuthKey, String, Credential)>,
+    ) -> Vec<Candidate> {
+        let mode = self.inner.matching;
+        let mut matching: Vec<(AuthKey, String, Credential)> = entries
+            .filter(|(key, _, _)| key.matches(location, mode))
+            .collect();
+        matching.sort_by(|a, b| a.0.try_order(&b.0, mode));
+        matching
+            .into_iter()
+            .map(|(key, source, credential)| Candidate {
+                key: key.raw,
+                source,
+                credential: Some(credential),
+            })
+            .collect()
+    }
+
+    /// Records that `candidate` worked for `at`, to try it first next time. The
+    /// request's credential and anonymous access are not remembered: the next
+    /// request brings its own, and anonymous stays last.
+    pub fn remember(&self, at: &Reference, candidate: &Candidate) {
+        let mut remembered = self
+            .inner
+            .remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = repository_key(at);
+        if candidate.source == "request" || candidate.credential.is_none() {
+            remembered.remove(&key);
+            return;
+        }
+        if remembered.len() >= MAX_REMEMBERED && !remembered.contains_key(&key) {
+            remembered.clear();
+        }
+        remembered.insert(key, candidate.identity());
+    }
+}
+
+fn repository_key(at: &Reference) -> String {
+    format!("{}/{}", at.domain(), at.path())
+}
+
+/// Delegated auth: credentials from files and secrets whose key matches the token
+/// realm's host (any path), in the matcher's order.
+impl RealmCredentials for Keyring {
+    fn for_realm(&self, realm_host: &str) -> Vec<RealmCredential> {
+        let Some(files) = &self.inner.files else {
+            return Vec::new();
+        };
+        let location = ImageLocation::new(realm_host, "");
+        let entries = files
+            .entries()
+            .into_iter()
+            .map(|e| (e.entry.key, e.source.to_string(), e.entry.credential));
+        self.ordered(&location, entries)
+            .into_iter()
+            .filter_map(|c| {
+                Some(RealmCredential {
+                    label: format!("{:?} from {}", c.key, c.source),
+                    credential: c.credential?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -209,20 +414,259 @@ mod tests {
         assert!(!format!("{req:?}").contains("hunter2"));
     }
 
-    #[test]
-    fn request_credential_comes_before_anonymous() {
+    #[tokio::test]
+    async fn request_credential_comes_before_anonymous() {
         let image = Reference::parse("127.0.0.1:5000/app").unwrap();
         let req = RequestAuth {
             username: "u".into(),
             password: "p".into(),
             ..Default::default()
         };
-        let c = Keyring::new().candidates(&image, Some(&req)).unwrap();
+        let k = Keyring::empty();
+        let c = k.candidates(&image, Some(&req)).await.unwrap();
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].source, "request");
         assert_eq!(c[0].key, "127.0.0.1:5000");
         assert_eq!(c[1], Candidate::anonymous());
-        let c = Keyring::new().candidates(&image, None).unwrap();
+        let c = k.candidates(&image, None).await.unwrap();
         assert_eq!(c, vec![Candidate::anonymous()]);
+    }
+
+    fn auths(pairs: &[(&str, &str)]) -> String {
+        let body: Vec<String> = pairs
+            .iter()
+            .map(|(k, up)| {
+                format!(
+                    "\"{k}\": {{\"auth\": \"{}\"}}",
+                    base64::engine::general_purpose::STANDARD.encode(up)
+                )
+            })
+            .collect();
+        format!("{{\"auths\": {{{}}}}}", body.join(","))
+    }
+
+    /// A keyring over a temp dir: `node` is kubelet's config.json, `extra` a listed
+    /// file, `secret` a mounted secret in a secret dir.
+    struct Setup {
+        _tmp: tempfile::TempDir,
+        keyring: Keyring,
+    }
+
+    fn setup(
+        matching: Matching,
+        node: &[(&str, &str)],
+        extra: &[(&str, &str)],
+        secret: &[(&str, &str)],
+        providers: Option<Arc<dyn ProviderSource>>,
+    ) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("kubelet")).unwrap();
+        std::fs::create_dir_all(root.join("secrets/pull")).unwrap();
+        std::fs::write(root.join("kubelet/config.json"), auths(node)).unwrap();
+        std::fs::write(root.join("extra.json"), auths(extra)).unwrap();
+        std::fs::write(
+            root.join("secrets/pull").join(files::DOCKERCONFIGJSON),
+            auths(secret),
+        )
+        .unwrap();
+        let settings = KeyringSettings {
+            matching,
+            files: FileSettings {
+                kubelet_root_dir: root.join("kubelet"),
+                cwd: None,
+                home: None,
+                files: vec![root.join("extra.json")],
+                secret_dirs: vec![root.join("secrets")],
+            },
+        };
+        Setup {
+            keyring: Keyring::new(settings, providers),
+            _tmp: tmp,
+        }
+    }
+
+    /// (key, username or kind, source's last path component) per candidate.
+    async fn trial(k: &Keyring, image: &str) -> Vec<(String, String, String)> {
+        let at = Reference::parse(image).unwrap();
+        k.candidates(&at, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| {
+                let who = match &c.credential {
+                    Some(Credential::Basic { username, .. }) => username.clone(),
+                    Some(other) => other.kind().to_string(),
+                    None => "anonymous".into(),
+                };
+                let source = c.source.rsplit('/').next().unwrap_or_default().to_string();
+                (c.key, who, source)
+            })
+            .collect()
+    }
+
+    fn t(key: &str, who: &str, source: &str) -> (String, String, String) {
+        (key.into(), who.into(), source.into())
+    }
+
+    #[tokio::test]
+    async fn matching_keys_in_matcher_order_each_keys_credentials_in_source_order() {
+        let s = setup(
+            Matching::Kubelet,
+            &[("r.io/team", "node-team:pw"), ("*.io", "node-glob:pw")],
+            &[("r.io", "extra:pw"), ("r.io/team", "extra-team:pw")],
+            &[("r.io/team", "secret-team:pw"), ("q.io", "other:pw")],
+            None,
+        );
+        assert_eq!(
+            trial(&s.keyring, "r.io/team/app:1").await,
+            vec![
+                t("r.io/team", "node-team", "config.json"),
+                t("r.io/team", "extra-team", "extra.json"),
+                t("r.io/team", "secret-team", ".dockerconfigjson"),
+                t("r.io", "extra", "extra.json"),
+                t("*.io", "node-glob", "config.json"),
+                t("", "anonymous", "anonymous"),
+            ]
+        );
+        assert_eq!(
+            trial(&s.keyring, "r.io/other/app").await,
+            vec![
+                t("r.io", "extra", "extra.json"),
+                t("*.io", "node-glob", "config.json"),
+                t("", "anonymous", "anonymous"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn both_matching_modes_through_the_keyring() {
+        let keys = [("*my-registry.io/images", "glob:pw")];
+        let image = "a.sub.my-registry.io/images/my-image";
+        let kubelet = setup(Matching::Kubelet, &keys, &[], &[], None);
+        assert_eq!(trial(&kubelet.keyring, image).await.len(), 1);
+        let span = setup(Matching::SpanLabels, &keys, &[], &[], None);
+        assert_eq!(
+            trial(&span.keyring, image).await[0],
+            t("*my-registry.io/images", "glob", "config.json")
+        );
+    }
+
+    #[derive(Debug)]
+    struct FakeProviders;
+
+    #[async_trait::async_trait]
+    impl ProviderSource for FakeProviders {
+        async fn lookup(&self, image: &Reference) -> Vec<ProvidedAuth> {
+            let p = |key: &str, user: &str| ProvidedAuth {
+                provider: "fake".into(),
+                key: key.into(),
+                credential: Credential::Basic {
+                    username: user.into(),
+                    password: "pw".into(),
+                },
+            };
+            if image.domain() != "r.io" {
+                return vec![];
+            }
+            vec![
+                p("*.io", "prov-glob"),
+                p("r.io/team", "prov-team"),
+                p("q.io", "prov-other"),
+                p("[bad", "prov-bad"),
+            ]
+        }
+    }
+
+    #[tokio::test]
+    async fn providers_come_after_files_matched_and_ordered_among_themselves() {
+        let s = setup(
+            Matching::Kubelet,
+            &[("*.io", "node-glob:pw")],
+            &[],
+            &[],
+            Some(Arc::new(FakeProviders)),
+        );
+        assert_eq!(
+            trial(&s.keyring, "r.io/team/app").await,
+            vec![
+                t("*.io", "node-glob", "config.json"),
+                t("r.io/team", "prov-team", "provider:fake"),
+                t("*.io", "prov-glob", "provider:fake"),
+                t("", "anonymous", "anonymous"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn last_working_candidate_goes_first_after_the_requests() {
+        let s = setup(
+            Matching::Kubelet,
+            &[("r.io/team", "first:pw"), ("r.io", "second:pw")],
+            &[],
+            &[],
+            None,
+        );
+        let at = Reference::parse("r.io/team/app").unwrap();
+        let req = RequestAuth {
+            username: "req".into(),
+            password: "pw".into(),
+            ..Default::default()
+        };
+        let c = s.keyring.candidates(&at, Some(&req)).await.unwrap();
+        assert_eq!(c[1].key, "r.io/team");
+        s.keyring.remember(&at, &c[2]);
+        let c = s.keyring.candidates(&at, Some(&req)).await.unwrap();
+        let order: Vec<&str> = c
+            .iter()
+            .map(|c| c.source.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(c[0].source, "request", "{order:?}");
+        assert_eq!(c[1].key, "r.io");
+        assert_eq!(c[2].key, "r.io/team");
+        // Another repository is not affected.
+        let other = Reference::parse("r.io/team/other").unwrap();
+        assert_eq!(
+            s.keyring.candidates(&other, None).await.unwrap()[0].key,
+            "r.io/team"
+        );
+        // Anonymous success forgets it.
+        s.keyring.remember(&at, &Candidate::anonymous());
+        assert_eq!(
+            s.keyring.candidates(&at, None).await.unwrap()[0].key,
+            "r.io/team"
+        );
+    }
+
+    #[tokio::test]
+    async fn lookups_are_for_the_host_contacted() {
+        let s = setup(
+            Matching::Kubelet,
+            &[("source.io", "source:pw"), ("mirror.io:5000", "mirror:pw")],
+            &[],
+            &[],
+            None,
+        );
+        let at_mirror = Reference::parse("mirror.io:5000/team/app").unwrap();
+        let c = trial(&s.keyring, &at_mirror.to_string()).await;
+        assert_eq!(c[0], t("mirror.io:5000", "mirror", "config.json"));
+        assert_eq!(c.len(), 2, "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn realm_credentials_match_the_realm_host() {
+        let s = setup(
+            Matching::Kubelet,
+            &[("sso.example", "sso:pw"), ("registry.example", "reg:pw")],
+            &[],
+            &[("*.example/some/path", "path:pw")],
+            None,
+        );
+        let found = s.keyring.for_realm("sso.example");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].label.contains("sso.example"), "{}", found[0].label);
+        assert!(!found[0].label.contains("pw"));
+        assert!(s.keyring.for_realm("sso.example:8443").is_empty());
+        assert!(Keyring::empty().for_realm("sso.example").is_empty());
     }
 }

@@ -12,7 +12,8 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use url::Url;
 
@@ -175,14 +176,39 @@ pub(crate) enum AuthSource {
     RegistryToken,
 }
 
+/// Where credentials for a token realm on another host come from (delegated auth,
+/// seed 004 §5.4.2.3: the registry hands authentication to a separate service, and
+/// the pull secret names that service's host).
+pub trait RealmCredentials: Send + Sync + fmt::Debug {
+    /// Credentials for the realm at `realm_host` (`host[:port]`), in the order to try.
+    /// Empty when none are configured: the registry's credential is used then.
+    fn for_realm(&self, realm_host: &str) -> Vec<RealmCredential>;
+}
+
+/// One credential for a token realm. `label` says where it came from, for the log
+/// (a key and a file, never the secret).
+#[derive(Debug, Clone)]
+pub struct RealmCredential {
+    pub label: String,
+    pub credential: Credential,
+}
+
 /// Remembers challenges per host and tokens per (host, repository, credential).
 #[derive(Default)]
 pub(crate) struct Authenticator {
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
     challenges: Mutex<HashMap<String, Challenge>>,
+    realm_credentials: Option<Arc<dyn RealmCredentials>>,
 }
 
 impl Authenticator {
+    pub fn new(realm_credentials: Option<Arc<dyn RealmCredentials>>) -> Self {
+        Authenticator {
+            realm_credentials,
+            ..Authenticator::default()
+        }
+    }
+
     /// The `Authorization` to send on a first request, without a 401 round trip when
     /// we already know what the host wants.
     pub async fn initial(
@@ -290,8 +316,14 @@ impl Authenticator {
                     challenge_scope: scope.as_deref(),
                     repository,
                 };
-                let (token, lifetime) =
-                    fetch_token(transport, endpoint, &request, credential).await?;
+                let (token, lifetime) = fetch_token(
+                    transport,
+                    endpoint,
+                    &request,
+                    credential,
+                    self.realm_credentials.as_deref(),
+                )
+                .await?;
                 let header = bearer_header(&endpoint.host, &token)?;
                 // Renew a little early so a token does not expire on its way.
                 let margin = (lifetime / 10).min(Duration::from_secs(30));
@@ -393,22 +425,65 @@ struct TokenResponse {
 }
 
 /// Obtains a bearer token for pulling `repository`. The realm may live on another
-/// host (delegated auth); it must be HTTPS unless the endpoint is insecure.
-#[tracing::instrument(skip(transport, endpoint, request, credential), fields(host = %endpoint.host, repository = request.repository, kind = credential.map(Credential::kind).unwrap_or("anonymous")))]
+/// host (delegated auth): then credentials configured for the realm's host are
+/// presented, each in turn until the realm accepts one, and the registry's own
+/// credential only when there are none.
 async fn fetch_token(
     transport: &Transport,
     endpoint: &Endpoint,
     request: &TokenRequest<'_>,
     credential: Option<&Credential>,
+    realm_credentials: Option<&dyn RealmCredentials>,
 ) -> Result<(String, Duration), RegistryError> {
     let realm = Url::parse(request.realm).map_err(|source| RegistryError::InvalidUrl {
         what: format!("token realm of {}", endpoint.host),
         source,
     })?;
+    let realm_host = authority(&realm);
+    let delegated = match realm_credentials {
+        Some(lookup) if realm_host != endpoint.host => lookup.for_realm(&realm_host),
+        _ => Vec::new(),
+    };
+    let mut refused = None;
+    for found in &delegated {
+        match fetch_token_as(
+            transport,
+            endpoint,
+            &realm,
+            request,
+            Some(&found.credential),
+        )
+        .await
+        {
+            Err(e) if e.is_auth_failure() => {
+                tracing::info!(realm = %realm_host, credential = %found.label, "token realm refused its credential; trying the next one");
+                refused = Some(e);
+            }
+            Ok(token) => {
+                tracing::debug!(realm = %realm_host, credential = %found.label, "token obtained with the realm host's credential");
+                return Ok(token);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match refused {
+        Some(e) => Err(e),
+        None => fetch_token_as(transport, endpoint, &realm, request, credential).await,
+    }
+}
+
+#[tracing::instrument(skip(transport, endpoint, realm, request, credential), fields(host = %endpoint.host, repository = request.repository, kind = credential.map(Credential::kind).unwrap_or("anonymous")))]
+async fn fetch_token_as(
+    transport: &Transport,
+    endpoint: &Endpoint,
+    realm: &Url,
+    request: &TokenRequest<'_>,
+    credential: Option<&Credential>,
+) -> Result<(String, Duration), RegistryError> {
     if realm.scheme() != "https" && !(realm.scheme() == "http" && endpoint.insecure) {
         return Err(RegistryError::InsecureUrl {
             host: endpoint.host.clone(),
-            url: redacted(&realm),
+            url: redacted(realm),
         });
     }
     let scopes = request.scopes();
@@ -419,11 +494,11 @@ async fn fetch_token(
                 &scopes,
                 &[("grant_type", "refresh_token"), ("refresh_token", token)],
             );
-            post_form(transport, endpoint, &realm, form).await?
+            post_form(transport, endpoint, realm, form).await?
         }
         Some(Credential::Basic { username, password }) => {
             let auth = basic_header(&endpoint.host, username, password)?;
-            let got = get_token(transport, endpoint, &realm, request, &scopes, Some(auth)).await?;
+            let got = get_token(transport, endpoint, realm, request, &scopes, Some(auth)).await?;
             if matches!(
                 got.0,
                 StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
@@ -442,17 +517,17 @@ async fn fetch_token(
                         ("password", password),
                     ],
                 );
-                post_form(transport, endpoint, &realm, form).await?
+                post_form(transport, endpoint, realm, form).await?
             } else {
                 got
             }
         }
         // A RegistryToken never reaches here: it is sent as is.
         Some(Credential::RegistryToken(_)) | None => {
-            get_token(transport, endpoint, &realm, request, &scopes, None).await?
+            get_token(transport, endpoint, realm, request, &scopes, None).await?
         }
     };
-    let realm_host = authority(&realm);
+    let realm_host = authority(realm);
     if !status.is_success() {
         return Err(token_error(endpoint, &realm_host, status, &headers, &body));
     }
@@ -889,6 +964,93 @@ mod tests {
         let text = format!("{err} {err:?}");
         assert!(!text.contains("wrong-pw"), "{text}");
         assert!(text.contains(&d.registry.host()), "{text}");
+    }
+
+    /// Realm credentials by realm host, as the keyring would give them.
+    #[derive(Debug)]
+    struct RealmTable(Vec<(String, RealmCredential)>);
+
+    impl RealmCredentials for RealmTable {
+        fn for_realm(&self, realm_host: &str) -> Vec<RealmCredential> {
+            self.0
+                .iter()
+                .filter(|(host, _)| host == realm_host)
+                .map(|(_, c)| c.clone())
+                .collect()
+        }
+    }
+
+    fn client_with_realm(table: Vec<(String, RealmCredential)>) -> RegistryClient {
+        RegistryClient::new(crate::registry::ClientSettings {
+            realm_credentials: Some(Arc::new(RealmTable(table))),
+            ..crate::registry::ClientSettings::default()
+        })
+        .unwrap()
+    }
+
+    fn realm_cred(label: &str, user: &str, pass: &str) -> RealmCredential {
+        RealmCredential {
+            label: label.into(),
+            credential: Credential::Basic {
+                username: user.into(),
+                password: pass.into(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn delegated_realm_gets_the_realm_hosts_credentials_in_order() {
+        let d = Delegated::start(true).await;
+        let realm = d.token.host();
+        let client = client_with_realm(vec![
+            (realm.clone(), realm_cred("wrong", "alice", "nope")),
+            (realm.clone(), realm_cred("right", "alice", "s3cret")),
+            ("elsewhere:1".into(), realm_cred("other", "mallory", "x")),
+        ]);
+        // The registry's own credential (here: none) is not what reaches the realm.
+        let registry_cred = Credential::Basic {
+            username: "registry-user".into(),
+            password: "registry-pw".into(),
+        };
+        pull(&client, &d, Some(&registry_cred)).await.unwrap();
+        let auths: Vec<Option<String>> = d
+            .token
+            .seen()
+            .iter()
+            .map(|s| s.authorization().map(str::to_string))
+            .collect();
+        assert_eq!(
+            auths,
+            vec![
+                Some(basic_of("alice", "nope")),
+                Some(basic_of("alice", "s3cret"))
+            ]
+        );
+        // Anonymous pulls present the realm host's credential too.
+        let d = Delegated::start(true).await;
+        let client = client_with_realm(vec![(
+            d.token.host(),
+            realm_cred("right", "alice", "s3cret"),
+        )]);
+        pull(&client, &d, None).await.unwrap();
+        assert_eq!(
+            d.token.seen()[0].authorization(),
+            Some(basic_of("alice", "s3cret").as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn without_realm_credentials_the_registrys_go_to_the_realm() {
+        let d = Delegated::start(true).await;
+        let client = client_with_realm(vec![(
+            "not-the-realm:443".into(),
+            realm_cred("other", "mallory", "x"),
+        )]);
+        pull(&client, &d, Some(&alice())).await.unwrap();
+        assert_eq!(
+            d.token.seen()[0].authorization(),
+            Some(basic_of("alice", "s3cret").as_str())
+        );
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ mod transport;
 #[cfg(test)]
 mod fake;
 
+pub use challenge::{RealmCredential, RealmCredentials};
 pub use credential::Credential;
 pub use error::{ErrorCode, NotFound, RegistryError, RetryAfter};
 
@@ -54,6 +55,9 @@ pub struct ClientSettings {
     /// Longest wait for response headers or for the next piece of a body. There is
     /// no whole-request limit: a large layer may take long, as long as it moves.
     pub idle_timeout: Duration,
+    /// Credentials for token realms on another host (delegated auth); `None`: the
+    /// registry's credential goes to the realm.
+    pub realm_credentials: Option<Arc<dyn challenge::RealmCredentials>>,
 }
 
 impl Default for ClientSettings {
@@ -63,6 +67,7 @@ impl Default for ClientSettings {
             user_agent: String::new(),
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            realm_credentials: None,
         }
     }
 }
@@ -97,7 +102,7 @@ impl RegistryClient {
         Ok(RegistryClient {
             inner: Arc::new(Inner {
                 transport: Transport::new(&settings)?,
-                auth: Authenticator::default(),
+                auth: Authenticator::new(settings.realm_credentials.clone()),
             }),
         })
     }

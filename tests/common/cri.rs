@@ -78,6 +78,14 @@ pub struct DaemonConfig {
     /// (file name `host..port`, PEM).
     cas: Vec<(String, String)>,
     docker_config: Option<String>,
+    /// (file name, content) written into `{kubelet_root_dir}`.
+    kubelet_files: Vec<(String, String)>,
+    /// (file name, config.json text) written into the base dir, listed in `files`.
+    credential_files: Vec<(String, String)>,
+    /// (secret name, file name, content) written to `secrets/<name>/<file>`.
+    secrets: Vec<(String, String, String)>,
+    /// Lines added to `[credentials]`.
+    credentials_toml: String,
     extra_toml: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -94,6 +102,10 @@ impl DaemonConfig {
             registries_conf_extra: String::new(),
             cas: Vec::new(),
             docker_config: None,
+            kubelet_files: Vec::new(),
+            credential_files: Vec::new(),
+            secrets: Vec::new(),
+            credentials_toml: String::new(),
             extra_toml: String::new(),
             args: Vec::new(),
             env: Vec::new(),
@@ -146,6 +158,43 @@ impl DaemonConfig {
         self
     }
 
+    /// Any file in `{kubelet_root_dir}` (e.g. `.dockercfg`).
+    pub fn kubelet_file(mut self, name: &str, content: &str) -> DaemonConfig {
+        self.kubelet_files
+            .push((name.to_owned(), content.to_owned()));
+        self
+    }
+
+    /// A config.json-format file `name` in the daemon's dir, listed in
+    /// `[credentials] files`. Listed even if `content` is `None` (not written).
+    pub fn credential_file(mut self, name: &str, content: Option<&str>) -> DaemonConfig {
+        self.credential_files.push((
+            name.to_owned(),
+            content.map(str::to_owned).unwrap_or_default(),
+        ));
+        self
+    }
+
+    /// A mounted pull secret: `secrets/<name>/<file>` (`.dockerconfigjson` or
+    /// `.dockercfg`); the `secrets` dir is listed in `[credentials] secret_dirs`.
+    pub fn secret(mut self, name: &str, file: &str, content: &str) -> DaemonConfig {
+        self.secrets
+            .push((name.to_owned(), file.to_owned(), content.to_owned()));
+        self
+    }
+
+    /// `[credentials] matching` (`kubelet` or `span-labels`).
+    pub fn matching(self, mode: &str) -> DaemonConfig {
+        self.credentials_line(&format!("matching = \"{mode}\""))
+    }
+
+    /// A raw line in `[credentials]` (e.g. `provider_config = "…"`).
+    pub fn credentials_line(mut self, line: &str) -> DaemonConfig {
+        self.credentials_toml.push_str(line);
+        self.credentials_toml.push('\n');
+        self
+    }
+
     /// Appended verbatim to the daemon's TOML config.
     pub fn extra_toml(mut self, toml: &str) -> DaemonConfig {
         self.extra_toml.push_str(toml);
@@ -190,6 +239,23 @@ impl DaemonConfig {
         if let Some(json) = &self.docker_config {
             let path = kubelet_root.join("config.json");
             std::fs::write(&path, json).ctx(|| format!("writing {}", path.display()))?;
+        }
+        for (name, content) in &self.kubelet_files {
+            let path = kubelet_root.join(name);
+            std::fs::write(&path, content).ctx(|| format!("writing {}", path.display()))?;
+        }
+        for (name, content) in &self.credential_files {
+            if content.is_empty() {
+                continue;
+            }
+            let path = base.join(name);
+            std::fs::write(&path, content).ctx(|| format!("writing {}", path.display()))?;
+        }
+        for (name, file, content) in &self.secrets {
+            let dir = base.join("secrets").join(name);
+            std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(file);
+            std::fs::write(&path, content).ctx(|| format!("writing {}", path.display()))?;
         }
         let registries_conf = base.join("registries.conf");
         std::fs::write(&registries_conf, self.registries_conf_text())
@@ -285,6 +351,23 @@ impl DaemonConfig {
             ca_dir.display(),
             kubelet_root.display(),
         );
+        // Paths of the credential files and secrets live next to the socket.
+        let base = socket.parent().unwrap_or(Path::new("/"));
+        if !self.credential_files.is_empty() {
+            let files: Vec<String> = self
+                .credential_files
+                .iter()
+                .map(|(name, _)| format!("\"{}\"", base.join(name).display()))
+                .collect();
+            text.push_str(&format!("files = [{}]\n", files.join(", ")));
+        }
+        if !self.secrets.is_empty() {
+            text.push_str(&format!(
+                "secret_dirs = [\"{}\"]\n",
+                base.join("secrets").display()
+            ));
+        }
+        text.push_str(&self.credentials_toml);
         if let Some(platform) = &self.platform {
             text.push_str(&format!("\n[pull]\nplatform = \"{platform}\"\n"));
         }
