@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Manifests and configs above this size are refused.
 const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
@@ -451,10 +451,13 @@ impl Inner {
         let chain_ids = config.chain_ids();
 
         // Layers download in parallel tasks; unpacking follows in order as each lands.
-        let downloads = self.spawn_downloads(at, lease, &manifest.layers, diff_ids, &source_label);
+        let mut downloads =
+            self.spawn_downloads(at, lease, &manifest.layers, diff_ids, &source_label);
         let mut parent: Option<&Digest> = None;
-        for (i, download) in downloads.into_iter().enumerate() {
-            download.join(at.image, &at.source.endpoint.host).await?;
+        for i in 0..manifest.layers.len() {
+            downloads
+                .wait(i, at.image, &at.source.endpoint.host)
+                .await?;
             let layer = &manifest.layers[i];
             let unpack_started = Instant::now();
             let chain_id = &chain_ids[i];
@@ -557,6 +560,9 @@ impl Inner {
         Ok((manifest.config.digest.clone(), target))
     }
 
+    /// Starts the layer downloads: at most `max_concurrent_downloads` at once, begun
+    /// in manifest order, so the layer the next unpack needs is never queued behind a
+    /// later one (tasks spawned all at once start in no useful order).
     fn spawn_downloads(
         &self,
         at: &Attempting<'_>,
@@ -564,28 +570,40 @@ impl Inner {
         layers: &[Descriptor],
         diff_ids: &[Digest],
         source_label: &(String, String),
-    ) -> Vec<Download> {
+    ) -> Downloads {
         let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_downloads));
-        layers
-            .iter()
-            .zip(diff_ids)
-            .map(|(layer, diff_id)| {
-                let mut labels = Labels::new();
-                labels.insert(source_label.0.clone(), source_label.1.clone());
-                labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
-                let store = self.store.clone();
-                let registry = self.registry.clone();
-                let source = at.source.clone();
-                let credential = at.credential.cloned();
-                let lease = lease.clone();
-                let layer = layer.clone();
-                let permits = permits.clone();
-                Download(tokio::spawn(async move {
-                    let _permit = permits
-                        .acquire_owned()
-                        .await
-                        .map_err(|e| BlobError::Task(e.to_string()))?;
-                    fetch_blob(
+        let mut results = Vec::with_capacity(layers.len());
+        let mut jobs = Vec::with_capacity(layers.len());
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let mut labels = Labels::new();
+            labels.insert(source_label.0.clone(), source_label.1.clone());
+            labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
+            let (done, result) = oneshot::channel();
+            results.push(result);
+            jobs.push((layer.clone(), labels, done));
+        }
+        let store = self.store.clone();
+        let registry = self.registry.clone();
+        let source = at.source.clone();
+        let credential = at.credential.cloned();
+        let lease = lease.clone();
+        let dispatcher = tokio::spawn(async move {
+            // Owning the set ties the downloads to the dispatcher: aborting it (when
+            // the pull fails) drops the set, which aborts them all.
+            let mut running = JoinSet::new();
+            for (layer, labels, done) in jobs {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (store, registry, source, credential, lease) = (
+                    store.clone(),
+                    registry.clone(),
+                    source.clone(),
+                    credential.clone(),
+                    lease.clone(),
+                );
+                running.spawn(async move {
+                    let result = fetch_blob(
                         &store,
                         &registry,
                         &source,
@@ -595,10 +613,17 @@ impl Inner {
                         "layer",
                         labels,
                     )
-                    .await
-                }))
-            })
-            .collect()
+                    .await;
+                    drop(permit);
+                    let _ = done.send(result);
+                });
+            }
+            while running.join_next().await.is_some() {}
+        });
+        Downloads {
+            results,
+            dispatcher,
+        }
     }
 
     async fn write_document(
@@ -689,26 +714,30 @@ fn distribution_source_label(reference: &Reference) -> (String, String) {
     )
 }
 
-/// A layer download running in its own task; aborted if dropped unfinished.
-struct Download(JoinHandle<Result<(), BlobError>>);
+/// The layer downloads of one pull, each result arriving on its own channel;
+/// all of them are aborted if this is dropped unfinished.
+struct Downloads {
+    results: Vec<oneshot::Receiver<Result<(), BlobError>>>,
+    dispatcher: JoinHandle<()>,
+}
 
-impl Download {
-    async fn join(mut self, image: &Reference, host: &str) -> Result<(), PullError> {
-        let result = (&mut self.0).await;
-        match result {
+impl Downloads {
+    /// Waits for layer `i` (each layer once, in any order).
+    async fn wait(&mut self, i: usize, image: &Reference, host: &str) -> Result<(), PullError> {
+        match (&mut self.results[i]).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into_pull_error(image, host)),
-            Err(e) => Err(PullError::Task {
+            Err(_) => Err(PullError::Task {
                 image: image.to_string(),
-                detail: e.to_string(),
+                detail: format!("the download of layer {i} ended without a result"),
             }),
         }
     }
 }
 
-impl Drop for Download {
+impl Drop for Downloads {
     fn drop(&mut self) {
-        self.0.abort();
+        self.dispatcher.abort();
     }
 }
 
@@ -717,7 +746,6 @@ impl Drop for Download {
 enum BlobError {
     Registry(Box<RegistryError>),
     Store(StoreError),
-    Task(String),
 }
 
 impl BlobError {
@@ -731,10 +759,6 @@ impl BlobError {
             BlobError::Store(source) => PullError::Store {
                 image: image.to_string(),
                 source,
-            },
-            BlobError::Task(detail) => PullError::Task {
-                image: image.to_string(),
-                detail,
             },
         }
     }

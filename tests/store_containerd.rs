@@ -10,66 +10,19 @@ use cri_imaged::store::{
 };
 use std::time::Duration;
 
+mod common;
+use common::containerd::{Containerd, ContainerdOptions};
+
 /// containerd's own CRI pulls into overlayfs; it works on this root filesystem.
 const SNAPSHOTTER: &str = "overlayfs";
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-/// A private containerd (no CRI plugin), killed and deleted on drop.
-/// To be replaced by the shared harness in tests/common/containerd.rs.
-struct Containerd {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::Builder::new()
-            .prefix("store-ctrd-")
-            .tempdir()
-            .unwrap();
-        let base = dir.path().to_path_buf();
-        let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{0}/containerd.sock\"\n",
-            base.display()
-        );
-        std::fs::write(base.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(base.join("containerd.log")).unwrap();
-        let child = std::process::Command::new("containerd")
-            .arg("--config")
-            .arg(base.join("config.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run containerd ({e}); install it: apt-get install containerd")
-            });
-        let containerd = Containerd { child, dir };
-        for _ in 0..200 {
-            if std::path::Path::new(&containerd.address()).exists() {
-                return containerd;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::read_to_string(base.join("containerd.log")).unwrap_or_default();
-        panic!("containerd did not create its socket; log:\n{log}");
-    }
-
-    fn address(&self) -> String {
-        format!("{}/containerd.sock", self.dir.path().display())
-    }
-
-    fn root(&self) -> String {
-        format!("{}/root", self.dir.path().display())
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// containerd without its CRI plugin: the store needs only the core services.
+fn start_containerd() -> Containerd {
+    Containerd::start_with(ContainerdOptions {
+        cri: false,
+        ..ContainerdOptions::default()
+    })
 }
 
 async fn setup() -> (Containerd, ContainerdStore, Lease) {
@@ -78,7 +31,7 @@ async fn setup() -> (Containerd, ContainerdStore, Lease) {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
-    let containerd = Containerd::start();
+    let containerd = start_containerd();
     let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
     let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
     (containerd, store, lease)
@@ -120,6 +73,8 @@ async fn ingest_resumes_commits_with_labels_and_rejects_wrong_digest() {
         .write(Bytes::copy_from_slice(&data[..half]))
         .await
         .unwrap();
+    // Writes are pipelined; `sync` is the checkpoint after which a drop keeps them all.
+    first.sync().await.unwrap();
     drop(first);
 
     let mut second = open(&store, &lease, "resume-me", &d).await;
@@ -188,12 +143,12 @@ async fn ingest_resumes_commits_with_labels_and_rejects_wrong_digest() {
         .is_none());
 
     // A leftover complete ingest with the wrong bytes is restarted from zero.
-    // (Chunks of 1 MiB and more reach containerd at once; smaller ones are
-    // coalesced until then, so a dropped writer keeps only what was sent.)
+    // (`sync` makes sure containerd holds the bytes before the writer is dropped.)
     let big = blob(&data[..1_200_000], "application/octet-stream");
     let tampered: Vec<u8> = data[..1_200_000].iter().rev().copied().collect();
     let mut abandoned = open(&store, &lease, "abandoned", &big).await;
     abandoned.write(Bytes::from(tampered)).await.unwrap();
+    abandoned.sync().await.unwrap();
     drop(abandoned);
     let mut restarted = open(&store, &lease, "abandoned", &big).await;
     assert_eq!(restarted.offset(), 0);
@@ -355,20 +310,7 @@ async fn unpacks_layers_into_chained_snapshots() {
     assert_eq!((a.unwrap(), b.unwrap()), (diff3.clone(), diff3));
 
     // Failed and redundant unpacks leave no extraction snapshot behind.
-    let listed = std::process::Command::new("ctr")
-        .args([
-            "-a",
-            &containerd.address(),
-            "-n",
-            "k8s.io",
-            "snapshots",
-            "--snapshotter",
-            SNAPSHOTTER,
-            "ls",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ctr ({e}); install it: apt-get install containerd"));
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let listed = containerd.ctr_ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
     assert!(!listed.contains("extract-"), "{listed}");
     assert_eq!(
         listed.lines().count(),
@@ -381,7 +323,7 @@ async fn unpacks_layers_into_chained_snapshots() {
         usage.mountpoint,
         format!(
             "{}/io.containerd.snapshotter.v1.{SNAPSHOTTER}",
-            containerd.root()
+            containerd.root().display()
         )
     );
     assert!(usage.used_bytes >= 100_000, "{usage:?}");

@@ -276,6 +276,11 @@ impl ContentWriter for MemoryWriter {
         Ok(())
     }
 
+    async fn sync(&mut self) -> Result<(), StoreError> {
+        // Every write lands at once in memory.
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>, labels: Labels) -> Result<(), StoreError> {
         let mut inner = self.store.lock();
         if inner.blobs.contains_key(&self.expected.digest) {

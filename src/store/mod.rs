@@ -71,8 +71,12 @@ pub enum Ingest {
 pub trait ContentWriter: Send {
     /// Bytes already in the ingest (non-zero when resuming an interrupted write).
     fn offset(&self) -> u64;
-    /// Appends a chunk.
+    /// Appends a chunk. Writes may still be on their way to the store when this
+    /// returns; a writer dropped without `sync` or `commit` may lose the latest.
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
+    /// Waits until the store holds every byte written so far: a checkpoint after
+    /// which a dropped writer's ingest resumes at `offset()`.
+    async fn sync(&mut self) -> Result<(), StoreError>;
     /// Commits with the expected digest and size given at open; the store checks them.
     /// `AlreadyExists` from the store counts as success.
     async fn commit(self: Box<Self>, labels: Labels) -> Result<(), StoreError>;

@@ -12,6 +12,7 @@ use containerd_client::services::v1::{
     AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
     WriteContentRequest, WriteContentResponse,
 };
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,9 +24,13 @@ use tonic::{Code, Status, Streaming};
 /// of the same blob) before giving up.
 const LOCKED_REF_WAIT: Duration = Duration::from_secs(300);
 const LOCKED_REF_MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Small chunks from the network are coalesced up to this size before a WRITE:
-/// each WRITE is a round trip, and containerd refuses messages over 16 MiB.
-const WRITE_CHUNK: usize = 1 << 20;
+/// Small chunks from the network are coalesced up to this size before a WRITE
+/// (containerd refuses messages over 16 MiB).
+const WRITE_CHUNK: usize = 512 << 10;
+/// WRITEs sent before waiting for the first one's answer. containerd answers each in
+/// order; waiting for every answer before the next WRITE left its HTTP/2 window and
+/// our socket idle half the time (measured: ~100 MB/s lock-step on a 200 MB image).
+const WRITES_IN_FLIGHT: usize = 4;
 
 impl ContainerdStore {
     fn content(&self) -> ContentClient<Channel> {
@@ -168,7 +173,7 @@ impl ContainerdStore {
         };
         // containerd sends no response headers before it reads the first message,
         // so the STAT must already be in the request stream when the call is awaited.
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(WRITES_IN_FLIGHT);
         let requests = tokio_stream::once(stat).chain(ReceiverStream::new(rx));
         let request = self.request(requests, Some(lease))?;
         let mut client = self.content();
@@ -210,9 +215,12 @@ impl ContainerdStore {
             reference: reference.to_string(),
             expected: expected.clone(),
             acked: from_i64(stat.offset, "Content.Write STAT offset")?,
+            sent: 0,
+            in_flight: VecDeque::new(),
             pending: BytesMut::new(),
             digest_so_far: stat.digest,
         };
+        writer.sent = writer.acked;
         // A leftover ingest that cannot be the start of this blob (longer than it, or
         // complete with the wrong digest) is truncated; WRITE at offset 0 does that.
         let complete_but_wrong =
@@ -260,6 +268,7 @@ enum Opened {
 /// One open `Content.Write` stream: holds the stream (and so containerd's lock on
 /// the ref) and the lease header it was opened with. Chunks under `WRITE_CHUNK`
 /// are coalesced, so a writer dropped without commit leaves only what was sent.
+/// Up to `WRITES_IN_FLIGHT` WRITEs are outstanding; their answers are checked in order.
 struct ContainerdWriter {
     store: ContainerdStore,
     tx: mpsc::Sender<WriteContentRequest>,
@@ -268,6 +277,10 @@ struct ContainerdWriter {
     expected: Descriptor,
     /// Bytes containerd has acknowledged.
     acked: u64,
+    /// Bytes sent in WRITEs, acknowledged or not.
+    sent: u64,
+    /// For each unanswered WRITE, the offset its answer must report.
+    in_flight: VecDeque<u64>,
     /// Bytes accepted from the caller but not yet sent.
     pending: BytesMut,
     /// The digest of the acknowledged bytes, as containerd computes it.
@@ -302,6 +315,7 @@ impl ContainerdWriter {
     }
 
     async fn truncate(&mut self) -> Result<(), StoreError> {
+        self.drain().await?;
         let request = WriteContentRequest {
             action: WriteAction::Write as i32,
             r#ref: self.reference.clone(),
@@ -313,32 +327,52 @@ impl ContainerdWriter {
             .await
             .map_err(|status| self.write_error(status))?;
         self.acked = from_i64(response.offset, "Content.Write offset")?;
+        self.sent = self.acked;
         self.digest_so_far = response.digest;
         Ok(())
     }
 
-    /// Sends `data` as one WRITE at the acknowledged offset.
+    /// Sends `data` as one WRITE after everything sent so far, without waiting for
+    /// its answer unless `WRITES_IN_FLIGHT` are already outstanding.
     async fn send(&mut self, data: Bytes) -> Result<(), StoreError> {
         let request = WriteContentRequest {
             action: WriteAction::Write as i32,
             r#ref: self.reference.clone(),
-            offset: to_i64(self.acked)?,
+            offset: to_i64(self.sent)?,
             data: data.to_vec(),
             ..Default::default()
         };
-        let response = self
-            .round_trip(request)
-            .await
-            .map_err(|status| self.write_error(status))?;
+        if self.tx.send(request).await.is_err() {
+            // containerd ended the call; its status (after any answers) says why.
+            return Err(self.stream_ended().await);
+        }
+        self.sent += data.len() as u64;
+        self.in_flight.push_back(self.sent);
+        if self.in_flight.len() >= WRITES_IN_FLIGHT {
+            self.receive_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to the oldest outstanding WRITE and checks its offset.
+    async fn receive_one(&mut self) -> Result<(), StoreError> {
+        let Some(expected_offset) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let response = match self.responses.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(self.write_error(Status::aborted(
+                    "containerd closed the write stream without answering",
+                )))
+            }
+            Err(status) => return Err(self.write_error(status)),
+        };
         let offset = from_i64(response.offset, "Content.Write offset")?;
-        if offset != self.acked + data.len() as u64 {
+        if offset != expected_offset {
             return Err(StoreError::Malformed {
                 what: "Content.Write response",
-                detail: format!(
-                    "offset {offset} after writing {} bytes at {}",
-                    data.len(),
-                    self.acked
-                ),
+                detail: format!("offset {offset} where {expected_offset} was written"),
             });
         }
         self.acked = offset;
@@ -346,6 +380,28 @@ impl ContainerdWriter {
         Ok(())
     }
 
+    /// Waits for every outstanding WRITE's answer.
+    async fn drain(&mut self) -> Result<(), StoreError> {
+        while !self.in_flight.is_empty() {
+            self.receive_one().await?;
+        }
+        Ok(())
+    }
+
+    /// The error for a request stream containerd has closed: its final status.
+    async fn stream_ended(&mut self) -> StoreError {
+        loop {
+            match self.responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return self.write_error(Status::aborted("containerd closed the write stream"))
+                }
+                Err(status) => return self.write_error(status),
+            }
+        }
+    }
+
+    /// Sends what is pending (not waiting for answers).
     async fn flush(&mut self) -> Result<(), StoreError> {
         if !self.pending.is_empty() {
             let data = self.pending.split().freeze();
@@ -380,7 +436,7 @@ impl ContainerdWriter {
 #[async_trait]
 impl ContentWriter for ContainerdWriter {
     fn offset(&self) -> u64 {
-        self.acked + self.pending.len() as u64
+        self.sent + self.pending.len() as u64
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
@@ -407,8 +463,13 @@ impl ContentWriter for ContainerdWriter {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>, labels: Labels) -> Result<(), StoreError> {
+    async fn sync(&mut self) -> Result<(), StoreError> {
         self.flush().await?;
+        self.drain().await
+    }
+
+    async fn commit(mut self: Box<Self>, labels: Labels) -> Result<(), StoreError> {
+        self.sync().await?;
         if self.acked < self.expected.size {
             // A short body is not bad data: keep the ingest so the next attempt resumes.
             return Err(self.mismatch(format!(
