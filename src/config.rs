@@ -40,6 +40,9 @@ pub struct ContainerdConfig {
     pub namespace: String,
     /// Snapshotter to unpack into; must be the one containerd's CRI uses.
     pub snapshotter: String,
+    /// Write blobs straight into containerd's content directory when it is visible
+    /// from here, instead of streaming every byte through containerd's API.
+    pub direct_content: bool,
 }
 
 impl Default for ContainerdConfig {
@@ -48,6 +51,7 @@ impl Default for ContainerdConfig {
             address: PathBuf::from("/run/containerd/containerd.sock"),
             namespace: "k8s.io".to_string(),
             snapshotter: "overlayfs".to_string(),
+            direct_content: true,
         }
     }
 }
@@ -245,6 +249,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.server.listen, d.server.listen);
         assert_eq!(c.containerd.address, d.containerd.address);
+        assert_eq!(c.containerd.direct_content, d.containerd.direct_content);
         assert_eq!(c.registry.registries_conf, d.registry.registries_conf);
         assert_eq!(c.registry.ca_dir, d.registry.ca_dir);
         assert_eq!(

@@ -396,6 +396,23 @@ impl Inner {
         let result = self
             .fetch_and_unpack(at, &lease, &manifest_desc, manifest_body, &manifest, index)
             .await;
+        if result.is_err() {
+            // Downloads cancelled by the failure did not clean up after themselves.
+            for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+                let kind = if blob.digest == manifest.config.digest {
+                    "config"
+                } else {
+                    "layer"
+                };
+                if let Err(e) = self
+                    .store
+                    .abort_ingest(&ingest_ref(kind, &blob.digest))
+                    .await
+                {
+                    tracing::debug!(blob = %blob.digest, error = %e, "could not abort the ingest");
+                }
+            }
+        }
         // On failure, collect synchronously: a failed pull leaves nothing behind.
         if let Err(e) = self.store.delete_lease(&lease, result.is_err()).await {
             tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
@@ -635,7 +652,7 @@ impl Inner {
         kind: &str,
         labels: Labels,
     ) -> Result<(), PullError> {
-        let reference = format!("{kind}-{}", desc.digest);
+        let reference = ingest_ref(kind, &desc.digest);
         match self
             .store_call(at, self.store.open_writer(lease, &reference, desc))
             .await?
@@ -681,6 +698,12 @@ impl Inner {
             source,
         })
     }
+}
+
+/// The stable ingest name of a blob (`layer-sha256:…`, as containerd names its own),
+/// so an interrupted write is resumed rather than restarted.
+fn ingest_ref(kind: &str, digest: &Digest) -> String {
+    format!("{kind}-{digest}")
 }
 
 /// The status (401/403) of a registry error that means "these credentials won't do".
@@ -778,7 +801,7 @@ async fn fetch_blob(
     kind: &str,
     labels: Labels,
 ) -> Result<(), BlobError> {
-    let reference = format!("{kind}-{}", desc.digest);
+    let reference = ingest_ref(kind, &desc.digest);
     let started = Instant::now();
     let result = fetch_blob_resuming(
         store,

@@ -55,10 +55,10 @@ pub enum ServerError {
 /// calls made while it is down fail with `Unavailable` and the daemon keeps serving.
 pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
     let address = config.containerd.address.to_string_lossy().into_owned();
-    let store: Arc<dyn ImageStore> = Arc::new(ContainerdStore::connect(
-        &address,
-        &config.containerd.namespace,
-    )?);
+    let store: Arc<dyn ImageStore> = Arc::new(
+        ContainerdStore::connect(&address, &config.containerd.namespace)?
+            .with_direct_content(config.containerd.direct_content),
+    );
     let keyring = keyring(config)?;
     keyring.preload();
     let registry = RegistryClient::new(ClientSettings {

@@ -12,7 +12,7 @@ use common::containerd::{Containerd, ContainerdOptions};
 use common::cri::{self, proto, Daemon, DaemonConfig};
 use common::fake_registry::{FakeRegistry, Faults};
 use common::images::{self, OciImage, MEDIA_MANIFEST};
-use common::leftovers::{assert_nothing_left, assert_serving};
+use common::leftovers::{self, assert_nothing_left, assert_serving};
 use tonic::Code;
 
 /// containerd without its CRI plugin (cri-imaged does not need it; faster start).
@@ -398,9 +398,10 @@ async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
     let layers = &image.host().layers;
     let (bad, busy) = (layers[0].digest.clone(), layers[1].digest.clone());
 
-    // Layer 1 sends 2 MiB (more than the daemon gathers before writing to
-    // containerd) and stalls; layer 0 is corrupt and held back until layer 1's
-    // ingest holds data, so it fails while layer 1 is mid-download.
+    // Layer 1 sends 2 MiB (more than the daemon gathers before writing) and stalls;
+    // layer 0 is corrupt and held back until layer 1's partial data is stored —
+    // staged by the direct ingest, or in containerd's ingest when streaming — so it
+    // fails while layer 1 is mid-download.
     fake.set_faults(Faults {
         corrupt_blob: Some(bad.clone()),
         stall_blobs: vec![(busy.clone(), 2 << 20), (bad.clone(), 1024)],
@@ -411,11 +412,15 @@ async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
     let pulling = tokio::spawn(async move { client.pull_image(request).await });
     let busy_hex = busy.trim_start_matches("sha256:").to_owned();
     let writing = wait_until(|| {
+        let staged = leftovers::staged_blobs(&containerd)
+            .iter()
+            .any(|(name, size)| name.contains(&busy_hex) && *size > 0);
         // REF SIZE AGE; SIZE is human-readable ("0B", "1.049MB").
         let active = containerd.ctr_ok(&["content", "active"]);
-        active
-            .lines()
-            .any(|l| l.contains(&busy_hex) && l.split_whitespace().nth(1) != Some("0B"))
+        staged
+            || active
+                .lines()
+                .any(|l| l.contains(&busy_hex) && l.split_whitespace().nth(1) != Some("0B"))
     })
     .await;
     assert!(writing, "layer 1 never reached containerd");

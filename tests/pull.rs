@@ -171,13 +171,27 @@ fn repo_path(pushed: &PushedImage) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_from_open_registry_writes_containerds_records_labels_and_snapshots_and_runs() {
+    pull_from_open_registry(true).await;
+}
+
+/// The same pull with every blob streamed through containerd's `Content.Write`
+/// (`direct_content = false`): the records, labels and snapshots are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_streaming_blobs_through_containerds_api_writes_the_same() {
+    pull_from_open_registry(false).await;
+}
+
+async fn pull_from_open_registry(direct_content: bool) {
     let (containerd, open) = start(Registry::open);
     let text = "hello from the open registry\n";
     let pushed = images::busybox()
         .app_text(text)
         .build()
         .push(&open, "pull/busybox");
-    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&open)
+        .direct_content(direct_content)
+        .start();
 
     // As kubelet sends it: with the pod's sandbox config and the image as the user
     // wrote it.
@@ -281,6 +295,11 @@ async fn pull_from_open_registry_writes_containerds_records_labels_and_snapshots
     assert!(containerd.is_unpacked(&pushed.reference));
 
     assert_app_text(&containerd, &pushed.reference, text);
+    // Direct ingest stages beside containerd's content and leaves nothing there;
+    // streaming never stages at all.
+    let staging = common::leftovers::staging_dir(&containerd);
+    assert_eq!(staging.exists(), direct_content, "{}", staging.display());
+    assert!(common::leftovers::staged_blobs(&containerd).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

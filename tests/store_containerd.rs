@@ -32,7 +32,11 @@ async fn setup() -> (Containerd, ContainerdStore, Lease) {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
     let containerd = start_containerd();
-    let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
+    // These tests are about containerd's own ingests (Content.Write): the direct path
+    // has its tests below.
+    let store = ContainerdStore::connect(&containerd.address(), "k8s.io")
+        .unwrap()
+        .with_direct_content(false);
     let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
     (containerd, store, lease)
 }
@@ -376,4 +380,156 @@ async fn a_missing_socket_is_unavailable_naming_the_address() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+}
+
+/// Direct ingest: the blob lands in containerd's content directory, verified, and
+/// is recorded with its labels under the lease; no staged file is left behind.
+#[tokio::test]
+async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
+    let captured = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_env_filter("cri_imaged=debug")
+            .with_writer(captured.clone())
+            .finish(),
+    );
+    let containerd = start_containerd();
+    let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
+    let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
+    let content = containerd.root().join("io.containerd.content.v1.content");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let d = blob(&data, "application/octet-stream");
+
+    // Interrupted half-way (after a checkpoint), then resumed by a new writer.
+    let half = data.len() / 2;
+    let mut first = open(&store, &lease, "direct-blob", &d).await;
+    first
+        .write(Bytes::copy_from_slice(&data[..half]))
+        .await
+        .unwrap();
+    first.sync().await.unwrap();
+    drop(first);
+    let staged = content.join("cri-imaged-ingest");
+    assert!(
+        std::fs::read_dir(&staged).unwrap().next().is_some(),
+        "the direct path stages under {}",
+        staged.display()
+    );
+    let mut second = open(&store, &lease, "direct-blob", &d).await;
+    assert_eq!(second.offset(), half as u64);
+    second
+        .write(Bytes::copy_from_slice(&data[half..]))
+        .await
+        .unwrap();
+    let labels = Labels::from([("example.com/label".to_string(), "yes".to_string())]);
+    second.commit(labels).await.unwrap();
+
+    let info = store
+        .content_info(&d.digest)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(
+        info.labels.get("example.com/label").map(String::as_str),
+        Some("yes")
+    );
+    let on_disk = content.join("blobs/sha256").join(d.digest.hex());
+    assert_eq!(std::fs::read(&on_disk).unwrap(), data);
+    assert!(
+        std::fs::read_dir(&staged).unwrap().next().is_none(),
+        "staged copy removed"
+    );
+    assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
+    assert!(containerd.ctr_ok(&["content", "active"]).lines().count() <= 1);
+    // containerd took the linked file as the blob: no byte went through its API.
+    let log = captured.text();
+    assert!(
+        log.contains("writing blobs straight into containerd"),
+        "{log}"
+    );
+    assert!(!log.contains("streaming it"), "{log}");
+
+    // Wrong bytes never reach blobs/: DigestMismatch, and nothing staged remains.
+    let promised = blob(b"the real thing", "application/octet-stream");
+    let mut liar = open(&store, &lease, "direct-liar", &promised).await;
+    liar.write(Bytes::from_static(b"a fake!! thing"))
+        .await
+        .unwrap();
+    let err = liar.commit(Labels::new()).await.unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(!content
+        .join("blobs/sha256")
+        .join(promised.digest.hex())
+        .exists());
+    assert!(std::fs::read_dir(&staged).unwrap().next().is_none());
+    assert!(store
+        .content_info(&promised.digest)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// With containerd's "isolated" content policy a blob on disk is not taken as
+/// present in a namespace: the staged file is then streamed through Content.Write.
+#[tokio::test]
+async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
+    let containerd = Containerd::start_with(ContainerdOptions {
+        cri: false,
+        extra_toml: "[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n".into(),
+        ..ContainerdOptions::default()
+    });
+    // The store's debug log tells which way the blob went (current-thread runtime:
+    // the thread-local subscriber sees every event of this test).
+    let captured = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_env_filter("cri_imaged=debug")
+            .with_writer(captured.clone())
+            .finish(),
+    );
+    let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
+    let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 249) as u8).collect();
+    let d = blob(&data, "application/octet-stream");
+    let mut writer = open(&store, &lease, "isolated-blob", &d).await;
+    writer.write(Bytes::copy_from_slice(&data)).await.unwrap();
+    writer.commit(Labels::new()).await.unwrap();
+    assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
+    let log = captured.text();
+    assert!(
+        log.contains("writing blobs straight into containerd"),
+        "{log}"
+    );
+    assert!(
+        log.contains("did not take the blob from disk; streaming it"),
+        "{log}"
+    );
+}
+
+/// A `MakeWriter` collecting log output in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
 }

@@ -105,6 +105,7 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::DigestMismatch { .. } => Code::DataLoss,
         StoreError::NotFound { .. }
         | StoreError::InvalidArgument { .. }
+        | StoreError::Local { .. }
         | StoreError::TooLarge { .. }
         | StoreError::Grpc { .. }
         | StoreError::Malformed { .. } => Code::Internal,

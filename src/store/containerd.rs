@@ -6,12 +6,16 @@
 //! the lease is deleted or expires.
 //!
 //! - `content`: blob info, labels, resumable ingests, small reads.
+//! - `direct`: blobs written straight into containerd's content directory.
 //! - `snapshots`: unpacking layers and the snapshotter's disk usage.
 //! - `images`: image records.
 
 mod content;
+mod direct;
 mod images;
 mod snapshots;
+
+use direct::DirectContent;
 
 use super::{
     ContentInfo, FsUsage, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
@@ -43,6 +47,9 @@ pub struct ContainerdStore {
     channel: Channel,
     address: Arc<str>,
     namespace: AsciiMetadataValue,
+    direct_content: bool,
+    /// containerd's content directory, once containerd has told us where it is.
+    direct: Arc<tokio::sync::OnceCell<Option<Arc<DirectContent>>>>,
 }
 
 impl std::fmt::Debug for ContainerdStore {
@@ -77,7 +84,32 @@ impl ContainerdStore {
             channel,
             address: Arc::from(address),
             namespace: namespace_value,
+            direct_content: true,
+            direct: Arc::new(tokio::sync::OnceCell::new()),
         })
+    }
+
+    /// Whether blobs may be written straight into containerd's content directory
+    /// when it is visible from here (default: yes); otherwise every byte is
+    /// streamed through `Content.Write`.
+    pub fn with_direct_content(mut self, enabled: bool) -> Self {
+        self.direct_content = enabled;
+        self
+    }
+
+    /// The content directory for direct writes, found on first use. Not cached
+    /// while containerd cannot be asked.
+    async fn direct(&self) -> Result<Option<Arc<DirectContent>>, StoreError> {
+        if !self.direct_content {
+            return Ok(None);
+        }
+        let found = self
+            .direct
+            .get_or_try_init(|| async {
+                Ok::<_, StoreError>(DirectContent::discover(self).await?.map(Arc::new))
+            })
+            .await?;
+        Ok(found.clone())
     }
 
     /// The socket path this store talks to.
@@ -225,6 +257,9 @@ impl ImageStore for ContainerdStore {
     }
 
     async fn abort_ingest(&self, reference: &str) -> Result<(), StoreError> {
+        if let Some(Some(direct)) = self.direct.get() {
+            direct.discard(reference).await;
+        }
         // Failures are logged there: an ingest left behind is resumed or expires with
         // the lease, so it must not turn a pull's real error into another one.
         self.abort_quietly(reference).await;
@@ -241,7 +276,10 @@ impl ImageStore for ContainerdStore {
         reference: &str,
         expected: &Descriptor,
     ) -> Result<Ingest, StoreError> {
-        self.open_ingest(lease, reference, expected).await
+        match self.direct().await? {
+            Some(direct) => direct.open(self, lease, reference, expected).await,
+            None => self.open_ingest(lease, reference, expected).await,
+        }
     }
 
     async fn read_content(&self, digest: &Digest, max: u64) -> Result<Bytes, StoreError> {

@@ -159,6 +159,8 @@ pub enum StoreError {
         value: String,
         reason: &'static str,
     },
+    #[error("containerd's content directory: {detail}")]
+    Local { detail: String },
     #[error("containerd returned a malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
 }

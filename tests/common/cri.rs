@@ -73,6 +73,7 @@ pub struct DaemonConfig {
     containerd_address: String,
     snapshotter: String,
     platform: Option<String>,
+    direct_content: Option<bool>,
     registries: Vec<RegistryEntry>,
     registries_conf_extra: String,
     /// (file name `host..port`, PEM).
@@ -98,6 +99,7 @@ impl DaemonConfig {
             containerd_address: containerd.address(),
             snapshotter: containerd.snapshotter().to_owned(),
             platform: None,
+            direct_content: None,
             registries: Vec::new(),
             registries_conf_extra: String::new(),
             cas: Vec::new(),
@@ -144,6 +146,12 @@ impl DaemonConfig {
     /// An extra CA file in `ca_dir` under `name` (`host..port` or `host`).
     pub fn ca(mut self, name: &str, pem: &str) -> DaemonConfig {
         self.cas.push((name.to_owned(), pem.to_owned()));
+        self
+    }
+
+    /// `[containerd] direct_content` (the daemon's default when not set).
+    pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
+        self.direct_content = Some(enabled);
         self
     }
 
@@ -343,10 +351,13 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.containerd_address,
             self.snapshotter,
+            self.direct_content
+                .map(|d| format!("direct_content = {d}\n"))
+                .unwrap_or_default(),
             registries_conf.display(),
             ca_dir.display(),
             kubelet_root.display(),

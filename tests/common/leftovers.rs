@@ -2,7 +2,7 @@
 //! records, active ingests, extraction snapshots, leases), and proof that the daemon
 //! still serves (gRPC health over its socket).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -87,6 +87,11 @@ pub fn assert_nothing_left(containerd: &Containerd, images_before: &[String], af
     );
     let leases = rows(containerd, &["leases", "ls"]);
     assert!(leases.is_empty(), "leases after {after}: {leases:?}");
+    let staged = staged_blobs(containerd);
+    assert!(
+        staged.is_empty(),
+        "blobs staged by cri-imaged's direct ingest after {after}: {staged:?}"
+    );
     if before.is_empty() {
         let content = rows(containerd, &["content", "ls"]);
         assert!(content.is_empty(), "content after {after}: {content:?}");
@@ -95,4 +100,26 @@ pub fn assert_nothing_left(containerd: &Containerd, images_before: &[String], af
             "snapshots after {after}: {snapshots:?}"
         );
     }
+}
+
+/// Where cri-imaged stages blobs it writes straight into containerd's content dir.
+pub fn staging_dir(containerd: &Containerd) -> PathBuf {
+    containerd
+        .root()
+        .join("io.containerd.content.v1.content")
+        .join("cri-imaged-ingest")
+}
+
+/// Staged files and their sizes (none when direct ingest is off or idle).
+pub fn staged_blobs(containerd: &Containerd) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(staging_dir(containerd)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let size = e.metadata().map(|m| m.len()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect()
 }

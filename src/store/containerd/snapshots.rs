@@ -278,9 +278,18 @@ impl ContainerdStore {
 
     /// The snapshotter plugin's root directory, from its introspection exports.
     async fn snapshotter_root(&self, snapshotter: &str) -> Result<String, StoreError> {
+        self.plugin_root(SNAPSHOTTER_PLUGIN_TYPE, snapshotter).await
+    }
+
+    /// A plugin's root directory on the host, from its introspection exports.
+    pub(super) async fn plugin_root(
+        &self,
+        plugin_type: &str,
+        id: &str,
+    ) -> Result<String, StoreError> {
         let request = self.request(
             PluginsRequest {
-                filters: vec![format!("type=={SNAPSHOTTER_PLUGIN_TYPE},id=={snapshotter}")],
+                filters: vec![format!("type=={plugin_type},id=={id}")],
             },
             None,
         )?;
@@ -289,7 +298,7 @@ impl ContainerdStore {
             .await
             .map_err(|status| {
                 self.status_error("Introspection.Plugins", status, || {
-                    format!("snapshotter {snapshotter}")
+                    format!("plugin {plugin_type}.{id}")
                 })
             })?
             .into_inner()
@@ -298,7 +307,7 @@ impl ContainerdStore {
             .into_iter()
             .next()
             .ok_or_else(|| StoreError::NotFound {
-                what: format!("snapshotter plugin {snapshotter:?}"),
+                what: format!("plugin {plugin_type} {id:?}"),
             })?;
         if let Some(root) = plugin.exports.get("root") {
             return Ok(root.clone());
@@ -306,10 +315,10 @@ impl ContainerdStore {
         Err(StoreError::NotFound {
             what: match plugin.init_err {
                 Some(init_err) => format!(
-                    "root of snapshotter {snapshotter:?} (the plugin failed to start: {})",
+                    "root of plugin {plugin_type} {id:?} (the plugin failed to start: {})",
                     init_err.message
                 ),
-                None => format!("root export of snapshotter plugin {snapshotter:?}"),
+                None => format!("root export of plugin {plugin_type} {id:?}"),
             },
         })
     }
