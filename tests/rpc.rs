@@ -142,24 +142,8 @@ async fn remove(daemon: &Daemon, image: &str) {
         .unwrap_or_else(|s| panic!("RemoveImage {image}: {s}"));
 }
 
-/// A tonic channel over a unix socket (for the health client).
-async fn channel(socket: &Path) -> tonic::transport::Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()))
-}
-
 async fn health(socket: &Path, service: &str) -> ServingStatus {
-    let response = HealthClient::new(channel(socket).await)
+    let response = HealthClient::new(cri::channel(socket).await)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })

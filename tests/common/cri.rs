@@ -16,24 +16,20 @@ use super::{must, read_log, terminate, wait_ready, HarnessError, IoContext, Resu
 
 pub use cri_imaged::proto;
 
-/// Connects an `ImageService` client to a unix socket (the URI is a placeholder;
-/// every connection goes to `socket`).
+/// A gRPC channel to a unix socket (any service on it), dialled by the daemon's
+/// own client code.
+pub async fn channel(socket: &Path) -> Channel {
+    cri_imaged::client::channel(&socket.display().to_string())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()))
+}
+
+/// Connects an `ImageService` client to a unix socket (cri-imaged's or containerd's
+/// own CRI), with the client the `cri-imaged` subcommands use.
 pub async fn connect(socket: &Path) -> ImageServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await;
-    match channel {
-        Ok(channel) => ImageServiceClient::new(channel),
-        Err(e) => panic!("connecting to CRI at {}: {e}", socket.display()),
-    }
+    cri_imaged::client::connect(&socket.display().to_string())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to CRI at {}: {e}", socket.display()))
 }
 
 /// A `PullImageRequest` for `image`, with username/password if given (what kubelet
