@@ -17,77 +17,8 @@ use common::images::{self, ImageUser, OciImage, PushedImage, MEDIA_INDEX, MEDIA_
 use common::must;
 use common::records::{chain_ids, LABEL_CRI_MANAGED};
 use common::registry::Registry;
+use common::scenario::{cri_pull, password_auth, pull, pull_ok, start, status};
 use common::token::{Access, TokenUser};
-
-/// Starts containerd and a registry side by side (each waits for its own readiness).
-fn start(registry: impl FnOnce() -> Registry + Send) -> (Containerd, Registry) {
-    std::thread::scope(|s| {
-        let containerd = s.spawn(Containerd::start);
-        let registry = s.spawn(registry);
-        (
-            containerd.join().expect("containerd thread"),
-            registry.join().expect("registry thread"),
-        )
-    })
-}
-
-/// PullImage through any CRI ImageService socket (cri-imaged's or containerd's own);
-/// returns `image_ref`.
-async fn cri_pull(
-    socket: &std::path::Path,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let request = proto::PullImageRequest {
-        image: Some(cri::image_spec(image)),
-        auth,
-        sandbox_config: None,
-    };
-    let response = cri::connect(socket).await.pull_image(request).await?;
-    Ok(response.into_inner().image_ref)
-}
-
-async fn pull(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    cri_pull(daemon.socket(), image, auth).await
-}
-
-async fn pull_ok(daemon: &Daemon, image: &str, auth: Option<proto::AuthConfig>) -> String {
-    match pull(daemon, image, auth).await {
-        Ok(id) => id,
-        Err(status) => panic!(
-            "PullImage {image}: {:?}: {}\ndaemon log:\n{}",
-            status.code(),
-            status.message(),
-            daemon.log()
-        ),
-    }
-}
-
-fn password_auth(username: &str, password: &str) -> Option<proto::AuthConfig> {
-    Some(proto::AuthConfig {
-        username: username.to_owned(),
-        password: password.to_owned(),
-        ..Default::default()
-    })
-}
-
-/// ImageStatus on any CRI ImageService socket.
-async fn status(socket: &std::path::Path, image: &str) -> Option<proto::Image> {
-    cri::connect(socket)
-        .await
-        .image_status(proto::ImageStatusRequest {
-            image: Some(cri::image_spec(image)),
-            verbose: false,
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ImageStatus {image}: {s}"))
-        .into_inner()
-        .image
-}
 
 /// containerd's own CRI learns of images from image events, asynchronously: wait
 /// (bounded) until it reports `image`.

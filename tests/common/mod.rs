@@ -12,6 +12,7 @@
 //! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
 //! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
+//! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //!
 //! Every instance owns its temp dir and ports, so tests run in parallel. Anything that
 //! cannot start fails the test with an install hint; nothing is skipped.
@@ -24,6 +25,7 @@ pub mod images;
 pub mod leftovers;
 pub mod records;
 pub mod registry;
+pub mod scenario;
 pub mod tls;
 pub mod token;
 
