@@ -11,6 +11,7 @@
 //! - [`cri`]: a tonic CRI client over a unix socket, and the cri-imaged `Daemon`.
 //! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
 //! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
+//! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
 //! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //!
@@ -21,6 +22,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod fake_registry;
+pub mod http_server;
 pub mod images;
 pub mod leftovers;
 pub mod records;
