@@ -373,6 +373,7 @@ impl RealmCredentials for Keyring {
 
 #[cfg(test)]
 mod tests {
+    use super::files::tests::auths;
     use super::*;
 
     fn basic(u: &str, p: &str) -> Option<Credential> {
@@ -453,19 +454,6 @@ mod tests {
         assert_eq!(c[1], Candidate::anonymous());
         let c = k.candidates(&image, None).await.unwrap();
         assert_eq!(c, vec![Candidate::anonymous()]);
-    }
-
-    fn auths(pairs: &[(&str, &str)]) -> String {
-        let body: Vec<String> = pairs
-            .iter()
-            .map(|(k, up)| {
-                format!(
-                    "\"{k}\": {{\"auth\": \"{}\"}}",
-                    base64::engine::general_purpose::STANDARD.encode(up)
-                )
-            })
-            .collect();
-        format!("{{\"auths\": {{{}}}}}", body.join(","))
     }
 
     /// A keyring over a temp dir: `node` is kubelet's config.json, `extra` a listed
