@@ -231,10 +231,7 @@ mod tests {
     #[tokio::test]
     async fn streams_and_verifies_a_whole_blob() {
         let registry = Fake::start(fake::serve_image).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), LAYER);
         assert_eq!(registry.seen()[0].header("range"), None);
     }
@@ -242,10 +239,7 @@ mod tests {
     #[tokio::test]
     async fn resumes_with_range_when_honoured() {
         let registry = Fake::start(ranged(true)).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 10, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
         assert_eq!(registry.seen()[0].header("range"), Some("bytes=10-"));
     }
@@ -253,10 +247,7 @@ mod tests {
     #[tokio::test]
     async fn resumes_by_skipping_when_range_ignored() {
         let registry = Fake::start(ranged(false)).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 10, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
     }
 
@@ -265,10 +256,7 @@ mod tests {
         let mut evil = LAYER.to_vec();
         evil[0] ^= 1;
         let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, evil.clone())).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
         let err = fake::collect(stream).await.unwrap_err();
         assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
     }
@@ -278,10 +266,7 @@ mod tests {
         for body in [&LAYER[..5], [LAYER, b"extra"].concat().as_slice()] {
             let body = body.to_vec();
             let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, body.clone())).await;
-            let stream = fake::client()
-                .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-                .await
-                .unwrap();
+            let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
             let err = fake::collect(stream).await.unwrap_err();
             assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
         }
@@ -297,11 +282,7 @@ mod tests {
             )
         })
         .await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         match &err {
             RegistryError::TooManyRequests { retry_after, .. } => {
                 assert_eq!(
@@ -317,11 +298,7 @@ mod tests {
     #[tokio::test]
     async fn missing_blob_is_not_found_naming_the_blob() {
         let registry = Fake::start(|_: &fake::Seen| fake::reply(404, "")).await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         assert!(
             matches!(
                 &err,
@@ -337,9 +314,7 @@ mod tests {
     #[tokio::test]
     async fn offset_past_the_end_is_refused_without_a_request() {
         let registry = Fake::start(fake::serve_image).await;
-        let d = fake::layer();
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &d, d.size + 1, None)
+        let err = fake::fetch_layer(&registry, fake::layer().size + 1, None)
             .await
             .err()
             .unwrap();

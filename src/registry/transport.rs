@@ -589,16 +589,7 @@ mod tests {
         })
         .await;
         let cred = Credential::RegistryToken("given".into());
-        let stream = fake::client()
-            .fetch_blob(
-                &fake::insecure(&registry),
-                "app",
-                &fake::layer(),
-                0,
-                Some(&cred),
-            )
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, Some(&cred)).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
         assert_eq!(registry.seen()[0].authorization(), Some("Bearer given"));
         let at_storage = storage.seen();
@@ -619,16 +610,7 @@ mod tests {
         })
         .await;
         let cred = Credential::RegistryToken("given".into());
-        let stream = fake::client()
-            .fetch_blob(
-                &fake::insecure(&registry),
-                "app",
-                &fake::layer(),
-                0,
-                Some(&cred),
-            )
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, Some(&cred)).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
         assert_eq!(registry.seen()[1].path(), "/local/layer");
     }
@@ -796,11 +778,7 @@ mod tests {
             fake::with_header(fake::reply(307, ""), "location", &location)
         })
         .await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         assert!(
             matches!(err, RegistryError::DowngradeRedirect { .. }),
             "{err}"
