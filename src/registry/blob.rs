@@ -1,9 +1,8 @@
 //! Streaming blobs: ranged GETs for resume, frames passed on as they arrive (never
 //! buffered whole), size and digest checked on the way.
 
-use super::error::Subject;
 use super::transport::next_data;
-use super::{BlobStream, Credential, Endpoint, RegistryClient, RegistryError};
+use super::{BlobStream, Credential, Endpoint, NotFound, RegistryClient, RegistryError};
 use crate::digest::{Digest, Verifier};
 use crate::oci::Descriptor;
 use bytes::Bytes;
@@ -48,7 +47,7 @@ impl RegistryClient {
             })?;
             headers.insert(RANGE, range);
         }
-        let subject = Subject::Blob {
+        let subject = NotFound::Blob {
             repository: repository.to_string(),
             digest: digest.clone(),
         };
