@@ -385,23 +385,20 @@ fn retry_suffix(retry: &Option<RetryAfter>) -> String {
 mod tests {
     use super::*;
 
-    fn manifest_subject() -> NotFound {
-        NotFound::Manifest {
+    /// The error for a GET of manifest `library/busybox:latest` on `r.example`
+    /// answered with `status` and `body`.
+    fn manifest_error(status: StatusCode, body: &[u8]) -> RegistryError {
+        let subject = NotFound::Manifest {
             repository: "library/busybox".into(),
             reference: "latest".into(),
-        }
+        };
+        from_status("r.example", status, &HeaderMap::new(), body, &subject)
     }
 
     #[test]
     fn manifest_unknown_names_the_tag() {
         let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"latest"}}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::NOT_FOUND,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::NOT_FOUND, body);
         assert_eq!(
             err.to_string(),
             "manifest library/busybox:latest not found on registry r.example"
@@ -411,13 +408,7 @@ mod tests {
     #[test]
     fn name_unknown_names_the_repository() {
         let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::NOT_FOUND,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::NOT_FOUND, body);
         assert!(matches!(
             err,
             RegistryError::NotFound {
@@ -430,13 +421,7 @@ mod tests {
     #[test]
     fn server_error_keeps_status_and_code() {
         let body = br#"{"errors":[{"code":"UNKNOWN","message":"storage backend down"}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::SERVICE_UNAVAILABLE,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::SERVICE_UNAVAILABLE, body);
         assert!(err.is_unavailable());
         assert_eq!(
             err.to_string(),

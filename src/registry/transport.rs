@@ -574,7 +574,17 @@ mod tests {
     }
 
     use crate::registry::fake::{self, Fake, Seen};
-    use crate::registry::{Credential, Endpoint};
+    use crate::registry::{Credential, Endpoint, RegistryClient};
+
+    /// The URL scheme the client's transport now uses for `endpoint`.
+    fn scheme(client: &RegistryClient, endpoint: &Endpoint) -> String {
+        let url = client
+            .inner
+            .transport
+            .registry_url(endpoint, "/v2/")
+            .unwrap();
+        url.scheme().to_owned()
+    }
 
     #[tokio::test]
     async fn blob_redirect_to_another_host_drops_authorization() {
@@ -661,22 +671,12 @@ mod tests {
             .fetch_manifest(&endpoint, "app", "v1", None)
             .await
             .unwrap();
-        let url = client
-            .inner
-            .transport
-            .registry_url(&endpoint, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "http");
+        assert_eq!(scheme(&client, &endpoint), "http");
         let secure = Endpoint {
             insecure: false,
             ..endpoint
         };
-        let url = client
-            .inner
-            .transport
-            .registry_url(&secure, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "https");
+        assert_eq!(scheme(&client, &secure), "https");
     }
 
     #[tokio::test]
@@ -760,12 +760,7 @@ mod tests {
             .fetch_manifest(&endpoint, "app", "v1", None)
             .await
             .unwrap();
-        let url = client
-            .inner
-            .transport
-            .registry_url(&endpoint, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "https");
+        assert_eq!(scheme(&client, &endpoint), "https");
     }
 
     #[tokio::test]
