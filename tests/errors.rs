@@ -388,15 +388,11 @@ fn restart(containerd: &Containerd) -> Restarted {
         std::thread::sleep(Duration::from_millis(20));
     }
     let log = containerd.dir().join("containerd-restarted.log");
-    let log_file = std::fs::File::create(&log).expect("restart log");
-    let mut child = Command::new("containerd")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("restart log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("restarting containerd");
+    let mut child = common::must(common::spawn_logged(
+        Command::new("containerd").arg("--config").arg(&config),
+        &log,
+        "the restarted containerd",
+    ));
     let waited = common::wait_ready(
         "restarted containerd",
         &mut child,

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -544,15 +544,13 @@ impl Server {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default()
         ));
-        let log_file = std::fs::File::create(&log).expect("creating the log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("starting cri-imaged");
+        let child = common::must(common::spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+                .arg("--config")
+                .arg(&config),
+            &log,
+            "cri-imaged",
+        ));
         Server {
             child,
             socket: socket.to_path_buf(),

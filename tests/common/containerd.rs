@@ -9,7 +9,10 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::registry::Registry;
-use super::{must, read_log, require_tool, terminate, wait_ready, HarnessError, IoContext, Result};
+use super::{
+    must, read_log, require_tool, spawn_logged, terminate, wait_ready, HarnessError, IoContext,
+    Result,
+};
 
 /// How to configure a [`Containerd`].
 #[derive(Debug, Clone)]
@@ -74,18 +77,11 @@ impl Containerd {
             .ctx(|| format!("writing {}", config_path.display()))?;
 
         let log = base.join("containerd.log");
-        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let stdout = log_file
-            .try_clone()
-            .ctx(|| format!("opening {}", log.display()))?;
-        let mut child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log_file)
-            .spawn()
-            .ctx(|| "starting containerd".into())?;
+        let mut child = spawn_logged(
+            Command::new("containerd").arg("--config").arg(&config_path),
+            &log,
+            "containerd",
+        )?;
 
         // "successfully booted" follows the gRPC server start; "Start streaming
         // server" is the CRI plugin's last step before it accepts requests (before

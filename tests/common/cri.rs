@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use super::containerd::{Containerd, NAMESPACE};
 use super::registry::Registry;
-use super::{must, read_log, terminate, wait_ready, HarnessError, IoContext, Result};
+use super::{must, read_log, spawn_logged, terminate, wait_ready, HarnessError, IoContext, Result};
 
 pub use cri_imaged::proto;
 
@@ -264,20 +264,15 @@ impl DaemonConfig {
         .ctx(|| format!("writing {}", config.display()))?;
 
         let log = base.join("cri-imaged.log");
-        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let stdout = log_file
-            .try_clone()
-            .ctx(|| format!("opening {}", log.display()))?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-            .arg("--config")
-            .arg(&config)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log_file)
-            .spawn()
-            .ctx(|| "starting cri-imaged".into())?;
+        let mut child = spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+                .arg("--config")
+                .arg(&config)
+                .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
+            &log,
+            "cri-imaged",
+        )?;
         let waited = wait_ready(
             "cri-imaged",
             &mut child,

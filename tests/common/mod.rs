@@ -122,6 +122,21 @@ pub fn run(command: &mut Command) -> Result<Output> {
     Ok(output)
 }
 
+/// Starts `command` (named `what` in errors) with stdin closed and stdout and stderr
+/// both going to a new file at `log`.
+pub fn spawn_logged(command: &mut Command, log: &Path, what: &str) -> Result<Child> {
+    let log_file = std::fs::File::create(log).ctx(|| format!("creating {}", log.display()))?;
+    let stdout = log_file
+        .try_clone()
+        .ctx(|| format!("opening {}", log.display()))?;
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(log_file)
+        .spawn()
+        .ctx(|| format!("starting {what}"))
+}
+
 /// Polls `ready` every 20 ms until it returns `Some`, `child` exits, or `limit` passes.
 /// The limit only bounds a hang; nothing asserts on how long it took.
 pub fn wait_ready<T>(
