@@ -186,15 +186,7 @@ impl Containerd {
 
     /// [`Containerd::ctr`] that must succeed; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(self.ctr(args), || format!("ctr {args:?}"))
     }
 
     /// Runs `args` in a new container from `image` (`ctr run --rm`) and returns what
@@ -213,15 +205,9 @@ impl Containerd {
 
     /// [`Containerd::run_container`] that must succeed; returns stdout.
     pub fn run_ok(&self, image: &str, args: &[&str]) -> String {
-        let out = self.run_container(image, args);
-        assert!(
-            out.status.success(),
-            "running {args:?} in {image} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(self.run_container(image, args), || {
+            format!("running {args:?} in {image}")
+        })
     }
 
     /// An ID no other containerd instance (in this or another test process) uses.
@@ -392,6 +378,20 @@ state = "{state}"
     }
     toml.push_str(&options.extra_toml);
     toml
+}
+
+/// The stdout of a command that must have succeeded; a failure panics with both
+/// streams.
+fn succeeded(out: Output, what: impl FnOnce() -> String) -> String {
+    assert!(
+        out.status.success(),
+        "{} failed ({}): {}\nstdout: {}",
+        what(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Kills shims left by this containerd (a container still running when the test
