@@ -412,15 +412,8 @@ fn restart(containerd: &Containerd) -> Restarted {
 /// A child of this process whose command line has `arg`.
 fn child_with_arg(arg: &[u8]) -> Option<rustix::process::Pid> {
     let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+    for (pid, dir) in common::processes() {
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
         // Fields after the parenthesised name: state, ppid, …
         let ppid = stat
             .rsplit_once(')')
@@ -428,9 +421,9 @@ fn child_with_arg(arg: &[u8]) -> Option<rustix::process::Pid> {
         if ppid != Some(me.as_str()) {
             continue;
         }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
         if cmdline.split(|b| *b == 0).any(|a| a == arg) {
-            return rustix::process::Pid::from_raw(pid);
+            return Some(pid);
         }
     }
     None

@@ -173,15 +173,22 @@ impl Containerd {
     /// Runs `ctr --address SOCK -n k8s.io ARGS…` and returns whatever happened.
     pub fn ctr(&self, args: &[&str]) -> Output {
         must(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["-n", NAMESPACE])
-                .args(args)
-                .stdin(Stdio::null())
+            self.ctr_command(args)
                 .output()
                 .ctx(|| format!("running ctr {args:?}")),
         )
+    }
+
+    /// `ctr --address SOCK -n k8s.io ARGS…` with stdin closed, not yet run.
+    fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["-n", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null());
+        command
     }
 
     /// [`Containerd::ctr`] that must succeed; returns stdout.
@@ -290,16 +297,7 @@ impl Containerd {
     /// Kills and deletes tasks left running (a test that failed mid-run): killing
     /// only the shim would orphan the container's processes.
     fn remove_tasks(&self) {
-        let run = |args: &[&str]| {
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["-n", NAMESPACE])
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .ok()
-        };
+        let run = |args: &[&str]| self.ctr_command(args).output().ok();
         let Some(listed) = run(&["tasks", "ls", "-q"]) else {
             return;
         };
@@ -397,19 +395,9 @@ fn succeeded(out: Output, what: impl FnOnce() -> String) -> String {
 /// Kills shims left by this containerd (a container still running when the test
 /// ended). They carry our socket path in their `-address` argument.
 fn kill_shims(socket: &Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
     let needle = socket.as_os_str().as_encoded_bytes();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for (pid, dir) in super::processes() {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
         let mut args = cmdline.split(|b| *b == 0);
@@ -417,9 +405,7 @@ fn kill_shims(socket: &Path) {
             .next()
             .is_some_and(|arg0| arg0.ends_with(b"containerd-shim-runc-v2"));
         if is_shim && cmdline.split(|b| *b == 0).any(|arg| arg == needle) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
 }

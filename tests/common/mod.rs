@@ -175,6 +175,20 @@ pub fn read_log(path: &Path) -> String {
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
 }
 
+/// Every process in /proc, with its /proc directory (none if /proc cannot be read).
+pub fn processes() -> Vec<(rustix::process::Pid, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((rustix::process::Pid::from_raw(pid)?, entry.path()))
+        })
+        .collect()
+}
+
 /// Stops a child we started: SIGTERM, then SIGKILL if it is still there after `grace`.
 pub fn terminate(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
