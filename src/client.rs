@@ -28,11 +28,12 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ClientError> {
     }
 }
 
-/// Connects to the ImageService at a unix socket endpoint.
-pub async fn connect(endpoint: &str) -> Result<ImageServiceClient<Channel>, ClientError> {
+/// A gRPC channel to a unix socket endpoint, for any service on it (the
+/// ImageService here, gRPC health in the tests).
+pub async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     let path = socket_path(endpoint)?;
     // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://[::1]:0")
+    Endpoint::from_static("http://[::1]:0")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -43,8 +44,12 @@ pub async fn connect(endpoint: &str) -> Result<ImageServiceClient<Channel>, Clie
         .map_err(|source| ClientError::Connect {
             endpoint: endpoint.to_string(),
             source,
-        })?;
-    Ok(ImageServiceClient::new(channel)
+        })
+}
+
+/// Connects to the ImageService at a unix socket endpoint.
+pub async fn connect(endpoint: &str) -> Result<ImageServiceClient<Channel>, ClientError> {
+    Ok(ImageServiceClient::new(channel(endpoint).await?)
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20))
 }

@@ -9,24 +9,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::containerd::Containerd;
-use common::cri::{self, proto, Daemon, DaemonConfig};
+use common::cri::{Daemon, DaemonConfig};
 use common::images;
 use common::registry::Registry;
+use common::scenario::{password_auth, pull, pull_err, pull_ok, start_many as start};
 use common::token::{TokenOptions, TokenUser};
-
-/// Starts containerd and the registries side by side.
-fn start(registries: Vec<Box<dyn FnOnce() -> Registry + Send>>) -> (Containerd, Vec<Registry>) {
-    std::thread::scope(|s| {
-        let containerd = s.spawn(Containerd::start);
-        let started: Vec<_> = registries.into_iter().map(|r| s.spawn(r)).collect();
-        let registries = started
-            .into_iter()
-            .map(|h| h.join().expect("registry thread"))
-            .collect();
-        (containerd.join().expect("containerd thread"), registries)
-    })
-}
 
 fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
@@ -55,42 +42,6 @@ fn dockercfg(entries: &[(&str, String)]) -> String {
     format!("{{{}}}", body.join(", "))
 }
 
-async fn pull(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let request = proto::PullImageRequest {
-        image: Some(cri::image_spec(image)),
-        auth,
-        sandbox_config: None,
-    };
-    let response = daemon.client().await.pull_image(request).await?;
-    Ok(response.into_inner().image_ref)
-}
-
-async fn pull_ok(daemon: &Daemon, image: &str, auth: Option<proto::AuthConfig>) -> String {
-    match pull(daemon, image, auth).await {
-        Ok(id) => id,
-        Err(status) => panic!(
-            "PullImage {image}: {:?}: {}\ndaemon log:\n{}",
-            status.code(),
-            status.message(),
-            daemon.log()
-        ),
-    }
-}
-
-async fn pull_err(daemon: &Daemon, image: &str, auth: Option<proto::AuthConfig>) -> tonic::Status {
-    match pull(daemon, image, auth).await {
-        Ok(id) => panic!(
-            "PullImage {image} succeeded ({id}); daemon log:\n{}",
-            daemon.log()
-        ),
-        Err(status) => status,
-    }
-}
-
 /// Pulls until it works; a file change must count within a few seconds. The limit
 /// only bounds a hang.
 async fn pull_eventually(daemon: &Daemon, image: &str) -> String {
@@ -110,14 +61,6 @@ async fn pull_eventually(daemon: &Daemon, image: &str) -> String {
             ),
         }
     }
-}
-
-fn password_auth(username: &str, password: &str) -> Option<proto::AuthConfig> {
-    Some(proto::AuthConfig {
-        username: username.to_owned(),
-        password: password.to_owned(),
-        ..Default::default()
-    })
 }
 
 /// The daemon's "pulled" log lines.

@@ -11,60 +11,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::containerd::{Containerd, ContainerdOptions};
-use common::cri::{self, proto, Daemon, DaemonConfig};
+use common::containerd::Containerd;
+use common::cri::{self, proto, DaemonConfig};
 use common::images;
 use common::leftovers::{assert_nothing_left, assert_serving};
 use common::registry::Registry;
+use common::scenario::{
+    containerd_without_cri as containerd, password_auth, pull, pull_fails, start_with,
+};
 use common::token::TokenUser;
 use tonic::Code;
-
-/// containerd without its CRI plugin: cri-imaged needs only the content, snapshot,
-/// image and lease services, and it starts faster.
-fn containerd() -> Containerd {
-    Containerd::start_with(ContainerdOptions {
-        cri: false,
-        ..Default::default()
-    })
-}
-
-/// Starts containerd and whatever registry `registry` starts, side by side.
-fn start_with_registry(registry: impl FnOnce() -> Registry + Send) -> (Containerd, Registry) {
-    std::thread::scope(|s| {
-        let c = s.spawn(containerd);
-        let r = s.spawn(registry);
-        (
-            c.join().expect("containerd thread"),
-            r.join().expect("registry thread"),
-        )
-    })
-}
-
-async fn pull(daemon: &Daemon, request: proto::PullImageRequest) -> Result<String, tonic::Status> {
-    let mut client = daemon.client().await;
-    Ok(client.pull_image(request).await?.into_inner().image_ref)
-}
-
-/// Pulls and expects a failure with `code`; returns the status.
-async fn pull_fails(
-    daemon: &Daemon,
-    request: proto::PullImageRequest,
-    code: Code,
-) -> tonic::Status {
-    let shown = request.image.as_ref().map(|i| i.image.clone());
-    match pull(daemon, request).await {
-        Ok(id) => panic!("pull of {shown:?} succeeded ({id}); expected {code:?}"),
-        Err(status) => {
-            assert_eq!(
-                status.code(),
-                code,
-                "pull of {shown:?}: {}",
-                status.message()
-            );
-            status
-        }
-    }
-}
 
 /// A port on 127.0.0.1 with nothing listening (bound, then released).
 fn closed_port() -> u16 {
@@ -74,7 +30,7 @@ fn closed_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_unknown_names_and_a_dead_registry_get_clear_statuses() {
-    let (containerd, registry) = start_with_registry(Registry::open);
+    let (containerd, registry) = start_with(containerd, Registry::open);
     let pushed = images::busybox().build().push(&registry, "errors/app");
     let dead = format!("127.0.0.1:{}", closed_port());
     let daemon = DaemonConfig::new(&containerd)
@@ -146,7 +102,7 @@ async fn bad_references_unknown_names_and_a_dead_registry_get_clear_statuses() {
 
     assert_nothing_left(&containerd, &[], "the failed pulls");
     assert_serving(daemon.socket()).await;
-    let id = pull(&daemon, cri::pull_request(&pushed.reference, None))
+    let id = pull(&daemon, &pushed.reference, None)
         .await
         .expect("a good pull after the failures");
     assert_eq!(id, pushed.config_digest);
@@ -169,7 +125,7 @@ fn assert_no_secret(text: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn htpasswd_refusals_list_the_attempts_without_secrets_and_untrusted_tls_is_unavailable() {
-    let (containerd, registry) = start_with_registry(|| Registry::htpasswd("alice", PASSWORD));
+    let (containerd, registry) = start_with(containerd, || Registry::htpasswd("alice", PASSWORD));
     let pushed = images::busybox()
         .app_text("private\n")
         .build()
@@ -235,12 +191,9 @@ async fn htpasswd_refusals_list_the_attempts_without_secrets_and_untrusted_tls_i
     assert!(status.message().contains("auth"), "{}", status.message());
 
     assert_nothing_left(&containerd, &[], "refused pulls");
-    let id = pull(
-        &daemon,
-        cri::pull_request(&pushed.reference, Some(("alice", PASSWORD))),
-    )
-    .await
-    .expect("pull with the right password");
+    let id = pull(&daemon, &pushed.reference, password_auth("alice", PASSWORD))
+        .await
+        .expect("pull with the right password");
     assert_eq!(id, pushed.config_digest);
     assert_no_secret(&daemon.log(), "the daemon log");
 
@@ -268,7 +221,7 @@ async fn htpasswd_refusals_list_the_attempts_without_secrets_and_untrusted_tls_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_registry_refuses_a_user_without_a_grant_for_the_repository() {
-    let (containerd, registry) = start_with_registry(|| {
+    let (containerd, registry) = start_with(containerd, || {
         Registry::token(vec![
             TokenUser::new("bob", "bob-pw").pull("team/*"),
             TokenUser::new("eve", "eve-Secr3t-pw").pull("other/*"),
@@ -307,12 +260,9 @@ async fn token_registry_refuses_a_user_without_a_grant_for_the_repository() {
     assert!(!daemon.log().contains("eve-Secr3t-pw"));
 
     assert_nothing_left(&containerd, &[], "a refused token pull");
-    let id = pull(
-        &daemon,
-        cri::pull_request(&pushed.reference, Some(("bob", "bob-pw"))),
-    )
-    .await
-    .expect("bob may pull team/app");
+    let id = pull(&daemon, &pushed.reference, password_auth("bob", "bob-pw"))
+        .await
+        .expect("bob may pull team/app");
     assert_eq!(id, pushed.config_digest);
 }
 
@@ -322,7 +272,7 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
     // containerd (`ctr tasks ls`) before removing its directory, and `ctr` waits
     // 10 s for a socket nobody serves.
     let mut restarted: Restarted;
-    let (containerd, registry) = start_with_registry(Registry::open);
+    let (containerd, registry) = start_with(containerd, Registry::open);
     let pushed = images::busybox().build().push(&registry, "errors/store");
     let daemon = DaemonConfig::new(&containerd).registry(&registry).start();
 
@@ -369,7 +319,7 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
 
     // containerd is back at its address: the daemon dials again and serves.
     std::fs::rename(&aside, &socket).expect("restoring containerd's socket");
-    let id = pull(&daemon, cri::pull_request(&pushed.reference, None))
+    let id = pull(&daemon, &pushed.reference, None)
         .await
         .expect("pull after containerd came back");
     assert_eq!(id, pushed.config_digest);
@@ -392,7 +342,7 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
         .app_text("after a containerd restart\n")
         .build()
         .push(&registry, "errors/restarted");
-    let id = pull(&daemon, cri::pull_request(&second.reference, None))
+    let id = pull(&daemon, &second.reference, None)
         .await
         .expect("pull after containerd restarted");
     assert_eq!(id, second.config_digest);
@@ -438,15 +388,11 @@ fn restart(containerd: &Containerd) -> Restarted {
         std::thread::sleep(Duration::from_millis(20));
     }
     let log = containerd.dir().join("containerd-restarted.log");
-    let log_file = std::fs::File::create(&log).expect("restart log");
-    let mut child = Command::new("containerd")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("restart log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("restarting containerd");
+    let mut child = common::must(common::spawn_logged(
+        Command::new("containerd").arg("--config").arg(&config),
+        &log,
+        "the restarted containerd",
+    ));
     let waited = common::wait_ready(
         "restarted containerd",
         &mut child,
@@ -466,15 +412,8 @@ fn restart(containerd: &Containerd) -> Restarted {
 /// A child of this process whose command line has `arg`.
 fn child_with_arg(arg: &[u8]) -> Option<rustix::process::Pid> {
     let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+    for (pid, dir) in common::processes() {
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
         // Fields after the parenthesised name: state, ppid, …
         let ppid = stat
             .rsplit_once(')')
@@ -482,9 +421,9 @@ fn child_with_arg(arg: &[u8]) -> Option<rustix::process::Pid> {
         if ppid != Some(me.as_str()) {
             continue;
         }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
         if cmdline.split(|b| *b == 0).any(|a| a == arg) {
-            return rustix::process::Pid::from_raw(pid);
+            return Some(pid);
         }
     }
     None

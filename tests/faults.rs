@@ -8,20 +8,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::containerd::{Containerd, ContainerdOptions};
+use common::containerd::Containerd;
 use common::cri::{self, proto, Daemon, DaemonConfig};
 use common::fake_registry::{FakeRegistry, Faults};
 use common::images::{self, OciImage, MEDIA_MANIFEST};
 use common::leftovers::{self, assert_nothing_left, assert_serving};
+use common::scenario::{containerd_without_cri as containerd, password_auth, pull, pull_fails};
 use tonic::Code;
-
-/// containerd without its CRI plugin (cri-imaged does not need it; faster start).
-fn containerd() -> Containerd {
-    Containerd::start_with(ContainerdOptions {
-        cri: false,
-        ..Default::default()
-    })
-}
 
 /// A daemon storing into `containerd` whose registries.conf is `registries_conf`.
 fn daemon(containerd: &Containerd, registries_conf: &str) -> Daemon {
@@ -29,34 +22,6 @@ fn daemon(containerd: &Containerd, registries_conf: &str) -> Daemon {
         .registries_conf(registries_conf)
         .env("RUST_LOG", "cri_imaged=debug")
         .start()
-}
-
-async fn pull(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<(&str, &str)>,
-) -> Result<String, tonic::Status> {
-    let mut client = daemon.client().await;
-    Ok(client
-        .pull_image(cri::pull_request(image, auth))
-        .await?
-        .into_inner()
-        .image_ref)
-}
-
-async fn pull_fails(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<(&str, &str)>,
-    code: Code,
-) -> tonic::Status {
-    match pull(daemon, image, auth).await {
-        Ok(id) => panic!("pull of {image} succeeded ({id}); expected {code:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "pull of {image}: {}", status.message());
-            status
-        }
-    }
 }
 
 /// The busybox image's first (largest) layer: the busybox binary.
@@ -77,7 +42,7 @@ async fn corrupt_layer_is_data_loss_and_leaves_nothing() {
         corrupt_blob: Some(layer.clone()),
         ..Default::default()
     });
-    let status = pull_fails(&daemon, &reference, None, Code::DataLoss).await;
+    let status = pull_fails(&daemon, cri::pull_request(&reference, None), Code::DataLoss).await;
     assert!(status.message().contains(&layer), "{}", status.message());
     assert_nothing_left(&containerd, &[], "a corrupt layer");
     assert_serving(daemon.socket()).await;
@@ -150,10 +115,15 @@ async fn redirect_to_another_host_does_not_carry_the_credentials() {
         ..Default::default()
     });
     // Without credentials the registry refuses: credentials are really in play.
-    pull_fails(&daemon, &reference, None, Code::Unauthenticated).await;
+    pull_fails(
+        &daemon,
+        cri::pull_request(&reference, None),
+        Code::Unauthenticated,
+    )
+    .await;
     fake.clear_requests();
 
-    let id = pull(&daemon, &reference, Some(("alice", password)))
+    let id = pull(&daemon, &reference, password_auth("alice", password))
         .await
         .expect("pull through the redirect");
     assert_eq!(id, image.host().config.digest);
@@ -203,7 +173,7 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
             manifest_status: Some((http, headers)),
             ..Default::default()
         });
-        let status = pull_fails(&daemon, &reference, None, code).await;
+        let status = pull_fails(&daemon, cri::pull_request(&reference, None), code).await;
         assert!(
             status.message().contains(says),
             "HTTP {http}: {}",
@@ -234,8 +204,7 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
     );
     let status = pull_fails(
         &daemon,
-        &format!("{}/faults/status:schema1", fake.host()),
-        None,
+        cri::pull_request(&format!("{}/faults/status:schema1", fake.host()), None),
         Code::FailedPrecondition,
     )
     .await;
@@ -270,8 +239,10 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
     );
     let status = pull_fails(
         &daemon,
-        &format!("{}/faults/status:short-diff-ids", fake.host()),
-        None,
+        cri::pull_request(
+            &format!("{}/faults/status:short-diff-ids", fake.host()),
+            None,
+        ),
         Code::FailedPrecondition,
     )
     .await;
@@ -308,8 +279,7 @@ async fn credentials_go_over_plain_http_only_to_registries_configured_insecure()
 
     let status = pull_fails(
         &daemon,
-        &plain_ref,
-        Some(("alice", "plain-S3cret")),
+        cri::pull_request(&plain_ref, Some(("alice", "plain-S3cret"))),
         Code::Unavailable,
     )
     .await;
@@ -332,9 +302,13 @@ async fn credentials_go_over_plain_http_only_to_registries_configured_insecure()
     assert!(seen.is_empty(), "no HTTP request was expected: {seen:?}");
     assert_nothing_left(&containerd, &[], "a refused plain-HTTP registry");
 
-    let id = pull(&daemon, &insecure_ref, Some(("alice", "plain-S3cret")))
-        .await
-        .expect("pull from the registry configured insecure");
+    let id = pull(
+        &daemon,
+        &insecure_ref,
+        password_auth("alice", "plain-S3cret"),
+    )
+    .await
+    .expect("pull from the registry configured insecure");
     assert_eq!(id, image.host().config.digest);
     let seen = insecure.requests();
     assert!(

@@ -7,30 +7,8 @@ use common::containerd::Containerd;
 use common::cri::{self, proto, DaemonConfig};
 use common::images::{self, ImageUser};
 use common::registry::Registry;
+use common::scenario::{cri_pull, password_auth};
 use common::token::TokenUser;
-
-/// Pulls through containerd's CRI and returns `image_ref`, or the gRPC status.
-async fn cri_pull(
-    containerd: &Containerd,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let mut client = cri::connect(containerd.socket()).await;
-    let request = proto::PullImageRequest {
-        image: Some(cri::image_spec(image)),
-        auth,
-        sandbox_config: None,
-    };
-    Ok(client.pull_image(request).await?.into_inner().image_ref)
-}
-
-fn basic(username: &str, password: &str) -> Option<proto::AuthConfig> {
-    Some(proto::AuthConfig {
-        username: username.to_owned(),
-        password: password.to_owned(),
-        ..Default::default()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_cri_pulls_built_images_from_open_and_htpasswd_registries_and_ctr_runs_them() {
@@ -57,13 +35,13 @@ async fn containerd_cri_pulls_built_images_from_open_and_htpasswd_registries_and
     let multi = images::multi_arch("v1").push(&open, "smoke/multi");
 
     // Open registry over plain HTTP: the image ID is the config digest we built.
-    let id = cri_pull(&containerd, &plain.reference, None)
+    let id = cri_pull(containerd.socket(), &plain.reference, None)
         .await
         .expect("pull open");
     assert_eq!(id, plain.config_digest);
 
     // The multi-arch index resolves to the host's manifest.
-    let id = cri_pull(&containerd, &multi.reference, None)
+    let id = cri_pull(containerd.socket(), &multi.reference, None)
         .await
         .expect("pull multi-arch");
     assert_eq!(id, multi.config_digest);
@@ -73,16 +51,16 @@ async fn containerd_cri_pulls_built_images_from_open_and_htpasswd_registries_and
     );
 
     // TLS + htpasswd: anonymous fails, the right credentials work.
-    let denied = cri_pull(&containerd, &nobody.reference, None).await;
+    let denied = cri_pull(containerd.socket(), &nobody.reference, None).await;
     assert!(
         denied.is_err(),
         "anonymous pull from the htpasswd registry succeeded"
     );
     let creds = private.credentials().expect("htpasswd credentials");
     let id = cri_pull(
-        &containerd,
+        containerd.socket(),
         &nobody.reference,
-        basic(&creds.username, &creds.password),
+        password_auth(&creds.username, &creds.password),
     )
     .await
     .expect("pull with credentials");
@@ -162,9 +140,13 @@ async fn containerd_cri_pulls_from_token_registry_with_password_and_identity_tok
         .any(|r| r.method == "GET" && r.basic_user.as_deref() == Some("pusher")));
 
     token.clear_requests();
-    let id = cri_pull(&containerd, &pushed.reference, basic("bob", "bob-pw"))
-        .await
-        .expect("pull as bob");
+    let id = cri_pull(
+        containerd.socket(),
+        &pushed.reference,
+        password_auth("bob", "bob-pw"),
+    )
+    .await
+    .expect("pull as bob");
     assert_eq!(id, pushed.config_digest);
     // containerd 1.6 uses the OAuth2 password grant when given a password.
     let requests = token.requests();
@@ -182,21 +164,23 @@ async fn containerd_cri_pulls_from_token_registry_with_password_and_identity_tok
 
     // A user without access to team/* is refused; so is anonymous.
     assert!(cri_pull(
-        &containerd,
+        containerd.socket(),
         &pushed.digest_reference,
-        basic("eve", "eve-pw")
+        password_auth("eve", "eve-pw")
     )
     .await
     .is_err());
-    assert!(cri_pull(&containerd, &pushed.digest_reference, None)
-        .await
-        .is_err());
+    assert!(
+        cri_pull(containerd.socket(), &pushed.digest_reference, None)
+            .await
+            .is_err()
+    );
 
     // identitytoken: containerd uses the refresh_token grant.
     token.clear_requests();
     let refresh = token.issue_refresh_token("bob");
     let id = cri_pull(
-        &containerd,
+        containerd.socket(),
         &pushed.digest_reference,
         Some(proto::AuthConfig {
             identity_token: refresh.clone(),
@@ -284,8 +268,12 @@ async fn token_realm_on_another_host_works_for_skopeo_and_containerd() {
     assert!(token.realm().starts_with("https://localhost:"));
     containerd.add_registry(&registry);
     let pushed = images::busybox().build().push(&registry, "delegated/app");
-    let id = cri_pull(&containerd, &pushed.reference, basic("bob", "bob-pw"))
-        .await
-        .expect("pull with the realm on localhost");
+    let id = cri_pull(
+        containerd.socket(),
+        &pushed.reference,
+        password_auth("bob", "bob-pw"),
+    )
+    .await
+    .expect("pull with the realm on localhost");
     assert_eq!(id, pushed.config_digest);
 }

@@ -17,77 +17,8 @@ use common::images::{self, ImageUser, OciImage, PushedImage, MEDIA_INDEX, MEDIA_
 use common::must;
 use common::records::{chain_ids, LABEL_CRI_MANAGED};
 use common::registry::Registry;
+use common::scenario::{cri_pull, password_auth, pull, pull_ok, start, status};
 use common::token::{Access, TokenUser};
-
-/// Starts containerd and a registry side by side (each waits for its own readiness).
-fn start(registry: impl FnOnce() -> Registry + Send) -> (Containerd, Registry) {
-    std::thread::scope(|s| {
-        let containerd = s.spawn(Containerd::start);
-        let registry = s.spawn(registry);
-        (
-            containerd.join().expect("containerd thread"),
-            registry.join().expect("registry thread"),
-        )
-    })
-}
-
-/// PullImage through any CRI ImageService socket (cri-imaged's or containerd's own);
-/// returns `image_ref`.
-async fn cri_pull(
-    socket: &std::path::Path,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let request = proto::PullImageRequest {
-        image: Some(cri::image_spec(image)),
-        auth,
-        sandbox_config: None,
-    };
-    let response = cri::connect(socket).await.pull_image(request).await?;
-    Ok(response.into_inner().image_ref)
-}
-
-async fn pull(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    cri_pull(daemon.socket(), image, auth).await
-}
-
-async fn pull_ok(daemon: &Daemon, image: &str, auth: Option<proto::AuthConfig>) -> String {
-    match pull(daemon, image, auth).await {
-        Ok(id) => id,
-        Err(status) => panic!(
-            "PullImage {image}: {:?}: {}\ndaemon log:\n{}",
-            status.code(),
-            status.message(),
-            daemon.log()
-        ),
-    }
-}
-
-fn password_auth(username: &str, password: &str) -> Option<proto::AuthConfig> {
-    Some(proto::AuthConfig {
-        username: username.to_owned(),
-        password: password.to_owned(),
-        ..Default::default()
-    })
-}
-
-/// ImageStatus on any CRI ImageService socket.
-async fn status(socket: &std::path::Path, image: &str) -> Option<proto::Image> {
-    cri::connect(socket)
-        .await
-        .image_status(proto::ImageStatusRequest {
-            image: Some(cri::image_spec(image)),
-            verbose: false,
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ImageStatus {image}: {s}"))
-        .into_inner()
-        .image
-}
 
 /// containerd's own CRI learns of images from image events, asynchronously: wait
 /// (bounded) until it reports `image`.
@@ -305,59 +236,78 @@ async fn pull_from_open_registry(direct_content: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerds_cri_reports_each_image_and_user_as_cri_imaged_does() {
     let (containerd, open) = start(Registry::open);
-    let uid = images::busybox()
-        .user(ImageUser::Uid("1000".into()))
-        .app_text("uid\n")
-        .build()
-        .push(&open, "user/uid");
-    let named = images::busybox()
-        .user(ImageUser::Name("nobody".into()))
-        .app_text("named\n")
-        .build()
-        .push(&open, "user/named");
-    // `user:group` forms: the group is not part of the answer.
-    let uid_group = images::busybox()
-        .user(ImageUser::Uid("1000:1000".into()))
-        .app_text("uid:gid\n")
-        .build()
-        .push(&open, "user/uid-gid");
-    let named_group = images::busybox()
-        .user(ImageUser::Name("nobody:nogroup".into()))
-        .app_text("name:group\n")
-        .build()
-        .push(&open, "user/name-group");
+    // (user, /app text, repository, the uid and username ImageStatus must report).
+    // In the `user:group` forms the group is not part of the answer.
+    let users = [
+        (
+            ImageUser::Uid("1000".into()),
+            "uid\n",
+            "user/uid",
+            Some(1000),
+            "",
+        ),
+        (
+            ImageUser::Name("nobody".into()),
+            "named\n",
+            "user/named",
+            None,
+            "nobody",
+        ),
+        (
+            ImageUser::Uid("1000:1000".into()),
+            "uid:gid\n",
+            "user/uid-gid",
+            Some(1000),
+            "",
+        ),
+        (
+            ImageUser::Name("nobody:nogroup".into()),
+            "name:group\n",
+            "user/name-group",
+            None,
+            "nobody",
+        ),
+    ];
+    let with_user: Vec<(PushedImage, Option<i64>, &str)> = users
+        .into_iter()
+        .map(|(user, text, repository, uid, username)| {
+            let pushed = images::busybox()
+                .user(user)
+                .app_text(text)
+                .build()
+                .push(&open, repository);
+            (pushed, uid, username)
+        })
+        .collect();
     let plain_image = images::busybox().app_text("plain\n").build();
     let plain = plain_image.push(&open, "user/none");
     // The same image under a second tag and a second repository: one image with
     // several names.
     let second_tag = must(plain_image.push_as(&open, "user/none", "v2", None));
     let other_repo = plain_image.push(&open, "user/alias");
+    let all: Vec<&PushedImage> = with_user
+        .iter()
+        .map(|(pushed, _, _)| pushed)
+        .chain([&plain, &second_tag, &other_repo])
+        .collect();
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
-    for pushed in [
-        &uid,
-        &named,
-        &uid_group,
-        &named_group,
-        &plain,
-        &second_tag,
-        &other_repo,
-    ] {
+    for pushed in &all {
         assert_eq!(
             pull_ok(&daemon, &pushed.reference, None).await,
             pushed.config_digest
         );
     }
 
-    let ours = status(daemon.socket(), &uid.reference)
-        .await
-        .expect("uid image");
-    assert_eq!(ours.uid, Some(proto::Int64Value { value: 1000 }));
-    assert_eq!(ours.username, "");
-    let ours = status(daemon.socket(), &named.reference)
-        .await
-        .expect("named image");
-    assert_eq!(ours.uid, None);
-    assert_eq!(ours.username, "nobody");
+    for (pushed, uid, username) in &with_user {
+        let ours = status(daemon.socket(), &pushed.reference)
+            .await
+            .expect("cri-imaged ImageStatus");
+        let want_uid = uid.map(|value| proto::Int64Value { value });
+        assert_eq!(ours.uid, want_uid, "{}", pushed.reference);
+        assert_eq!(ours.username, *username, "{}", pushed.reference);
+        assert_eq!(ours.repo_tags, vec![pushed.reference.clone()]);
+        assert_eq!(ours.repo_digests, vec![pushed.digest_reference.clone()]);
+    }
     let ours = status(daemon.socket(), &plain.reference)
         .await
         .expect("plain image");
@@ -366,15 +316,7 @@ async fn containerds_cri_reports_each_image_and_user_as_cri_imaged_does() {
 
     // containerd's CRI (the runtime kubelet starts containers through) agrees on
     // every field kubelet reads, image by image.
-    for pushed in [
-        &uid,
-        &named,
-        &uid_group,
-        &named_group,
-        &plain,
-        &second_tag,
-        &other_repo,
-    ] {
+    for pushed in &all {
         let theirs = containerd_cri_status(&containerd, &pushed.reference).await;
         let ours = status(daemon.socket(), &pushed.reference)
             .await
@@ -388,22 +330,6 @@ async fn containerds_cri_reports_each_image_and_user_as_cri_imaged_does() {
         assert_eq!(ours.id, pushed.config_digest);
         let m = &pushed.manifests[0];
         assert_eq!(ours.size, m.content_size() + m.manifest.size);
-    }
-    let ours = status(daemon.socket(), &uid_group.reference)
-        .await
-        .expect("uid:gid image");
-    assert_eq!(ours.uid, Some(proto::Int64Value { value: 1000 }));
-    assert_eq!(ours.username, "");
-    let ours = status(daemon.socket(), &named_group.reference)
-        .await
-        .expect("name:group image");
-    assert_eq!((ours.uid, ours.username.as_str()), (None, "nobody"));
-    for pushed in [&uid, &named, &uid_group, &named_group] {
-        let ours = status(daemon.socket(), &pushed.reference)
-            .await
-            .expect("cri-imaged ImageStatus");
-        assert_eq!(ours.repo_tags, vec![pushed.reference.clone()]);
-        assert_eq!(ours.repo_digests, vec![pushed.digest_reference.clone()]);
     }
     let ours = status(daemon.socket(), &plain.config_digest)
         .await

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -18,64 +18,10 @@ use common::cri::{self, proto, Daemon, DaemonConfig};
 use common::images::{self, ImageUser, PushedImage};
 use common::records::chain_ids;
 use common::registry::Registry;
+use common::scenario::{pull, pull_ok, start, status, status_of};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-/// Starts containerd and a registry side by side (each waits for its own readiness).
-fn start(registry: impl FnOnce() -> Registry + Send) -> (Containerd, Registry) {
-    std::thread::scope(|s| {
-        let containerd = s.spawn(Containerd::start);
-        let registry = s.spawn(registry);
-        (
-            containerd.join().expect("containerd thread"),
-            registry.join().expect("registry thread"),
-        )
-    })
-}
-
-async fn pull(
-    daemon: &Daemon,
-    image: &str,
-    auth: Option<proto::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let request = proto::PullImageRequest {
-        image: Some(cri::image_spec(image)),
-        auth,
-        sandbox_config: None,
-    };
-    let response = daemon.client().await.pull_image(request).await?;
-    Ok(response.into_inner().image_ref)
-}
-
-async fn pull_ok(daemon: &Daemon, image: &str) -> String {
-    match pull(daemon, image, None).await {
-        Ok(id) => id,
-        Err(status) => panic!(
-            "PullImage {image}: {:?}: {}\ndaemon log:\n{}",
-            status.code(),
-            status.message(),
-            daemon.log()
-        ),
-    }
-}
-
-/// ImageStatus on any CRI ImageService socket (cri-imaged's or containerd's own).
-async fn status_of(socket: &Path, image: &str, verbose: bool) -> proto::ImageStatusResponse {
-    cri::connect(socket)
-        .await
-        .image_status(proto::ImageStatusRequest {
-            image: Some(cri::image_spec(image)),
-            verbose,
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ImageStatus {image}: {s}"))
-        .into_inner()
-}
-
-async fn status(socket: &Path, image: &str) -> Option<proto::Image> {
-    status_of(socket, image, false).await.image
-}
 
 /// Waits (bounded) until containerd's own CRI, which learns of image changes from
 /// events, reports `image` as present or absent.
@@ -142,24 +88,8 @@ async fn remove(daemon: &Daemon, image: &str) {
         .unwrap_or_else(|s| panic!("RemoveImage {image}: {s}"));
 }
 
-/// A tonic channel over a unix socket (for the health client).
-async fn channel(socket: &Path) -> tonic::transport::Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()))
-}
-
 async fn health(socket: &Path, service: &str) -> ServingStatus {
-    let response = HealthClient::new(channel(socket).await)
+    let response = HealthClient::new(cri::channel(socket).await)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
@@ -192,7 +122,7 @@ async fn image_status_finds_an_image_by_tag_digest_id_and_bare_hex_with_verbose_
         .push(&open, "rpc/status");
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
     assert_eq!(
-        pull_ok(&daemon, &pushed.reference).await,
+        pull_ok(&daemon, &pushed.reference, None).await,
         pushed.config_digest
     );
 
@@ -288,7 +218,7 @@ async fn list_and_stream_images_return_every_image_and_filter_by_name() {
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
     assert!(list(daemon.socket(), None).await.is_empty());
     for pushed in [&first, &second] {
-        pull_ok(&daemon, &pushed.reference).await;
+        pull_ok(&daemon, &pushed.reference, None).await;
     }
     let socket = daemon.socket();
 
@@ -360,7 +290,7 @@ async fn list_and_stream_images_return_every_image_and_filter_by_name() {
     assert_eq!(list(socket, None).await.len(), 3);
     // Pulling it again through cri-imaged reuses containerd's content and snapshots.
     assert_eq!(
-        pull_ok(&daemon, &third.reference).await,
+        pull_ok(&daemon, &third.reference, None).await,
         third.config_digest
     );
     assert_eq!(list(socket, None).await.len(), 3);
@@ -395,7 +325,7 @@ async fn remove_image_removes_every_name_and_collects_the_content_synchronously(
         .push(&open, "rm/kept");
     let daemon = DaemonConfig::new(&containerd).registry(&open).start();
     for pushed in [&by_tag, &also, &by_id, &kept] {
-        pull_ok(&daemon, &pushed.reference).await;
+        pull_ok(&daemon, &pushed.reference, None).await;
         // containerd's CRI must have seen it, so its disappearing later means something.
         wait_containerd_cri(&containerd, &pushed.reference, true).await;
     }
@@ -486,7 +416,7 @@ async fn image_fs_info_and_health_report_and_cli_subcommands_work() {
         0o660
     );
 
-    pull_ok(&daemon, &pushed.reference).await;
+    pull_ok(&daemon, &pushed.reference, None).await;
     let fs = daemon
         .client()
         .await
@@ -614,15 +544,13 @@ impl Server {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default()
         ));
-        let log_file = std::fs::File::create(&log).expect("creating the log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("starting cri-imaged");
+        let child = common::must(common::spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+                .arg("--config")
+                .arg(&config),
+            &log,
+            "cri-imaged",
+        ));
         Server {
             child,
             socket: socket.to_path_buf(),

@@ -295,12 +295,13 @@ fn read(path: &Path, format: Format) -> Loaded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::registry::Credential;
     use base64::Engine as _;
 
-    fn auths(pairs: &[(&str, &str)]) -> String {
+    /// A config.json text: `{"auths": {KEY: {"auth": base64(USER:PASS)}, …}}`.
+    pub(in crate::auth) fn auths(pairs: &[(&str, &str)]) -> String {
         let body: Vec<String> = pairs
             .iter()
             .map(|(k, up)| {

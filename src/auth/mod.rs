@@ -45,16 +45,39 @@ pub struct RequestAuth {
 
 impl fmt::Debug for RequestAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let set = |s: &str| if s.is_empty() { "" } else { "<set>" };
-        f.debug_struct("RequestAuth")
-            .field("username", &self.username)
-            .field("password", &set(&self.password))
-            .field("auth", &set(&self.auth))
-            .field("server_address", &self.server_address)
-            .field("identity_token", &set(&self.identity_token))
-            .field("registry_token", &set(&self.registry_token))
-            .finish()
+        debug_auth_fields(
+            f,
+            "RequestAuth",
+            [
+                &self.username,
+                &self.password,
+                &self.auth,
+                &self.server_address,
+                &self.identity_token,
+                &self.registry_token,
+            ],
+        )
     }
+}
+
+/// `Debug` for the six fields of a CRI `AuthConfig` (ours or the proto's), in the
+/// proto's order: username, password, auth, server_address, identity_token,
+/// registry_token. The username and server address show as they are; each secret
+/// only as `<redacted>` when set, so a log shows which kind of credential came.
+pub(crate) fn debug_auth_fields(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    [username, password, auth, server_address, identity_token, registry_token]: [&str; 6],
+) -> fmt::Result {
+    let set = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+    f.debug_struct(name)
+        .field("username", &username)
+        .field("password", &set(password))
+        .field("auth", &set(auth))
+        .field("server_address", &server_address)
+        .field("identity_token", &set(identity_token))
+        .field("registry_token", &set(registry_token))
+        .finish()
 }
 
 impl RequestAuth {
@@ -350,6 +373,7 @@ impl RealmCredentials for Keyring {
 
 #[cfg(test)]
 mod tests {
+    use super::files::tests::auths;
     use super::*;
 
     fn basic(u: &str, p: &str) -> Option<Credential> {
@@ -430,19 +454,6 @@ mod tests {
         assert_eq!(c[1], Candidate::anonymous());
         let c = k.candidates(&image, None).await.unwrap();
         assert_eq!(c, vec![Candidate::anonymous()]);
-    }
-
-    fn auths(pairs: &[(&str, &str)]) -> String {
-        let body: Vec<String> = pairs
-            .iter()
-            .map(|(k, up)| {
-                format!(
-                    "\"{k}\": {{\"auth\": \"{}\"}}",
-                    base64::engine::general_purpose::STANDARD.encode(up)
-                )
-            })
-            .collect();
-        format!("{{\"auths\": {{{}}}}}", body.join(","))
     }
 
     /// A keyring over a temp dir: `node` is kubelet's config.json, `extra` a listed

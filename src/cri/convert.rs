@@ -118,15 +118,18 @@ fn is_registry_failure(e: &Error) -> bool {
 
 impl fmt::Debug for proto::AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let set = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
-        f.debug_struct("AuthConfig")
-            .field("username", &self.username)
-            .field("password", &set(&self.password))
-            .field("auth", &set(&self.auth))
-            .field("server_address", &self.server_address)
-            .field("identity_token", &set(&self.identity_token))
-            .field("registry_token", &set(&self.registry_token))
-            .finish()
+        crate::auth::debug_auth_fields(
+            f,
+            "AuthConfig",
+            [
+                &self.username,
+                &self.password,
+                &self.auth,
+                &self.server_address,
+                &self.identity_token,
+                &self.registry_token,
+            ],
+        )
     }
 }
 

@@ -1,9 +1,8 @@
 //! Streaming blobs: ranged GETs for resume, frames passed on as they arrive (never
 //! buffered whole), size and digest checked on the way.
 
-use super::error::Subject;
 use super::transport::next_data;
-use super::{BlobStream, Credential, Endpoint, RegistryClient, RegistryError};
+use super::{BlobStream, Credential, Endpoint, NotFound, RegistryClient, RegistryError};
 use crate::digest::{Digest, Verifier};
 use crate::oci::Descriptor;
 use bytes::Bytes;
@@ -48,7 +47,7 @@ impl RegistryClient {
             })?;
             headers.insert(RANGE, range);
         }
-        let subject = Subject::Blob {
+        let subject = NotFound::Blob {
             repository: repository.to_string(),
             digest: digest.clone(),
         };
@@ -231,10 +230,7 @@ mod tests {
     #[tokio::test]
     async fn streams_and_verifies_a_whole_blob() {
         let registry = Fake::start(fake::serve_image).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), LAYER);
         assert_eq!(registry.seen()[0].header("range"), None);
     }
@@ -242,10 +238,7 @@ mod tests {
     #[tokio::test]
     async fn resumes_with_range_when_honoured() {
         let registry = Fake::start(ranged(true)).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 10, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
         assert_eq!(registry.seen()[0].header("range"), Some("bytes=10-"));
     }
@@ -253,10 +246,7 @@ mod tests {
     #[tokio::test]
     async fn resumes_by_skipping_when_range_ignored() {
         let registry = Fake::start(ranged(false)).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 10, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 10, None).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), &LAYER[10..]);
     }
 
@@ -265,10 +255,7 @@ mod tests {
         let mut evil = LAYER.to_vec();
         evil[0] ^= 1;
         let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, evil.clone())).await;
-        let stream = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
         let err = fake::collect(stream).await.unwrap_err();
         assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
     }
@@ -278,10 +265,7 @@ mod tests {
         for body in [&LAYER[..5], [LAYER, b"extra"].concat().as_slice()] {
             let body = body.to_vec();
             let registry = Fake::start(move |_: &fake::Seen| fake::reply(200, body.clone())).await;
-            let stream = fake::client()
-                .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-                .await
-                .unwrap();
+            let stream = fake::fetch_layer(&registry, 0, None).await.unwrap();
             let err = fake::collect(stream).await.unwrap_err();
             assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
         }
@@ -297,11 +281,7 @@ mod tests {
             )
         })
         .await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         match &err {
             RegistryError::TooManyRequests { retry_after, .. } => {
                 assert_eq!(
@@ -317,11 +297,7 @@ mod tests {
     #[tokio::test]
     async fn missing_blob_is_not_found_naming_the_blob() {
         let registry = Fake::start(|_: &fake::Seen| fake::reply(404, "")).await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         assert!(
             matches!(
                 &err,
@@ -337,9 +313,7 @@ mod tests {
     #[tokio::test]
     async fn offset_past_the_end_is_refused_without_a_request() {
         let registry = Fake::start(fake::serve_image).await;
-        let d = fake::layer();
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &d, d.size + 1, None)
+        let err = fake::fetch_layer(&registry, fake::layer().size + 1, None)
             .await
             .err()
             .unwrap();

@@ -118,7 +118,8 @@ impl RegistryError {
     }
 }
 
-/// What was missing, as precisely as the registry told us.
+/// What was missing, as precisely as the registry told us. A request's manifest or
+/// blob is also what [`from_status`] reports missing on a 404.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotFound {
     Repository(String),
@@ -130,6 +131,17 @@ pub enum NotFound {
         repository: String,
         digest: Digest,
     },
+}
+
+impl NotFound {
+    /// The repository it is (or would be) in.
+    pub fn repository(&self) -> &str {
+        match self {
+            NotFound::Repository(repository)
+            | NotFound::Manifest { repository, .. }
+            | NotFound::Blob { repository, .. } => repository,
+        }
+    }
 }
 
 impl fmt::Display for NotFound {
@@ -277,51 +289,14 @@ fn truncate(s: &str) -> String {
     }
 }
 
-/// What a failed request was for, so a 404 can say what is missing.
-#[derive(Debug, Clone)]
-pub(crate) enum Subject {
-    Manifest {
-        repository: String,
-        reference: String,
-    },
-    Blob {
-        repository: String,
-        digest: Digest,
-    },
-}
-
-impl Subject {
-    fn repository(&self) -> &str {
-        match self {
-            Subject::Manifest { repository, .. } | Subject::Blob { repository, .. } => repository,
-        }
-    }
-
-    fn not_found(&self) -> NotFound {
-        match self {
-            Subject::Manifest {
-                repository,
-                reference,
-            } => NotFound::Manifest {
-                repository: repository.clone(),
-                reference: reference.clone(),
-            },
-            Subject::Blob { repository, digest } => NotFound::Blob {
-                repository: repository.clone(),
-                digest: digest.clone(),
-            },
-        }
-    }
-}
-
 /// Turns a non-success response into the matching error. `body` is the (bounded)
-/// start of the response body.
+/// start of the response body; `subject` is the manifest or blob asked for.
 pub(crate) fn from_status(
     host: &str,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
-    subject: &Subject,
+    subject: &NotFound,
 ) -> RegistryError {
     let messages = parse_error_body(body);
     let detail = messages
@@ -343,7 +318,7 @@ pub(crate) fn from_status(
     if has(ErrorCode::ManifestUnknown) || has(ErrorCode::BlobUnknown) {
         return RegistryError::NotFound {
             host,
-            what: subject.not_found(),
+            what: subject.clone(),
         };
     }
     match status {
@@ -351,7 +326,7 @@ pub(crate) fn from_status(
         StatusCode::FORBIDDEN => RegistryError::Denied { host, detail },
         StatusCode::NOT_FOUND => RegistryError::NotFound {
             host,
-            what: subject.not_found(),
+            what: subject.clone(),
         },
         StatusCode::TOO_MANY_REQUESTS => RegistryError::TooManyRequests {
             host,
@@ -410,23 +385,20 @@ fn retry_suffix(retry: &Option<RetryAfter>) -> String {
 mod tests {
     use super::*;
 
-    fn manifest_subject() -> Subject {
-        Subject::Manifest {
+    /// The error for a GET of manifest `library/busybox:latest` on `r.example`
+    /// answered with `status` and `body`.
+    fn manifest_error(status: StatusCode, body: &[u8]) -> RegistryError {
+        let subject = NotFound::Manifest {
             repository: "library/busybox".into(),
             reference: "latest".into(),
-        }
+        };
+        from_status("r.example", status, &HeaderMap::new(), body, &subject)
     }
 
     #[test]
     fn manifest_unknown_names_the_tag() {
         let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"latest"}}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::NOT_FOUND,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::NOT_FOUND, body);
         assert_eq!(
             err.to_string(),
             "manifest library/busybox:latest not found on registry r.example"
@@ -436,13 +408,7 @@ mod tests {
     #[test]
     fn name_unknown_names_the_repository() {
         let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::NOT_FOUND,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::NOT_FOUND, body);
         assert!(matches!(
             err,
             RegistryError::NotFound {
@@ -455,13 +421,7 @@ mod tests {
     #[test]
     fn server_error_keeps_status_and_code() {
         let body = br#"{"errors":[{"code":"UNKNOWN","message":"storage backend down"}]}"#;
-        let err = from_status(
-            "r.example",
-            StatusCode::SERVICE_UNAVAILABLE,
-            &HeaderMap::new(),
-            body,
-            &manifest_subject(),
-        );
+        let err = manifest_error(StatusCode::SERVICE_UNAVAILABLE, body);
         assert!(err.is_unavailable());
         assert_eq!(
             err.to_string(),

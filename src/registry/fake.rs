@@ -236,6 +236,18 @@ pub fn serve_image(seen: &Seen) -> Reply {
     }
 }
 
+/// Fetches `layer()` of repository `app` from the fake (as an insecure endpoint),
+/// from byte `offset`, with `credential`.
+pub async fn fetch_layer(
+    fake: &Fake,
+    offset: u64,
+    credential: Option<&super::Credential>,
+) -> Result<super::BlobStream, super::RegistryError> {
+    client()
+        .fetch_blob(&insecure(fake), "app", &layer(), offset, credential)
+        .await
+}
+
 /// Drains a blob stream into one buffer (tests only: real callers stream).
 pub async fn collect(mut stream: super::BlobStream) -> Result<Vec<u8>, super::RegistryError> {
     use futures_util::StreamExt;

@@ -1,9 +1,8 @@
 //! Resolving a tag or digest to its manifest or index: bounded read, digest
 //! verification, media type from the response (or the body), schema 1 refused.
 
-use super::error::Subject;
 use super::transport::read_capped;
-use super::{Credential, Endpoint, FetchedManifest, RegistryClient, RegistryError};
+use super::{Credential, Endpoint, FetchedManifest, NotFound, RegistryClient, RegistryError};
 use crate::digest::Digest;
 use crate::oci::{self, Descriptor, ManifestKind};
 use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
@@ -43,7 +42,7 @@ impl RegistryClient {
         };
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(oci::MANIFEST_ACCEPT));
-        let subject = Subject::Manifest {
+        let subject = NotFound::Manifest {
             repository: repository.to_string(),
             reference: reference.to_string(),
         };

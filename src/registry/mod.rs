@@ -25,7 +25,6 @@ pub use error::{ErrorCode, NotFound, RegistryError, RetryAfter};
 use crate::oci::Descriptor;
 use bytes::Bytes;
 use challenge::Authenticator;
-use error::Subject;
 use futures_util::stream::BoxStream;
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
@@ -118,7 +117,7 @@ impl RegistryClient {
         path: &str,
         headers: HeaderMap,
         credential: Option<&Credential>,
-        subject: &Subject,
+        subject: &NotFound,
     ) -> Result<http::Response<Incoming>, RegistryError> {
         let transport = &self.inner.transport;
         let url = transport.registry_url(endpoint, path)?;
@@ -165,7 +164,7 @@ impl RegistryClient {
         &self,
         endpoint: &Endpoint,
         response: http::Response<Incoming>,
-        subject: &Subject,
+        subject: &NotFound,
     ) -> RegistryError {
         /// Enough for any registry error document; the rest is not read.
         const MAX_ERROR_BODY: usize = 64 * 1024;

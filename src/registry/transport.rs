@@ -574,7 +574,17 @@ mod tests {
     }
 
     use crate::registry::fake::{self, Fake, Seen};
-    use crate::registry::{Credential, Endpoint};
+    use crate::registry::{Credential, Endpoint, RegistryClient};
+
+    /// The URL scheme the client's transport now uses for `endpoint`.
+    fn scheme(client: &RegistryClient, endpoint: &Endpoint) -> String {
+        let url = client
+            .inner
+            .transport
+            .registry_url(endpoint, "/v2/")
+            .unwrap();
+        url.scheme().to_owned()
+    }
 
     #[tokio::test]
     async fn blob_redirect_to_another_host_drops_authorization() {
@@ -589,16 +599,7 @@ mod tests {
         })
         .await;
         let cred = Credential::RegistryToken("given".into());
-        let stream = fake::client()
-            .fetch_blob(
-                &fake::insecure(&registry),
-                "app",
-                &fake::layer(),
-                0,
-                Some(&cred),
-            )
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, Some(&cred)).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
         assert_eq!(registry.seen()[0].authorization(), Some("Bearer given"));
         let at_storage = storage.seen();
@@ -619,16 +620,7 @@ mod tests {
         })
         .await;
         let cred = Credential::RegistryToken("given".into());
-        let stream = fake::client()
-            .fetch_blob(
-                &fake::insecure(&registry),
-                "app",
-                &fake::layer(),
-                0,
-                Some(&cred),
-            )
-            .await
-            .unwrap();
+        let stream = fake::fetch_layer(&registry, 0, Some(&cred)).await.unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
         assert_eq!(registry.seen()[1].path(), "/local/layer");
     }
@@ -679,22 +671,12 @@ mod tests {
             .fetch_manifest(&endpoint, "app", "v1", None)
             .await
             .unwrap();
-        let url = client
-            .inner
-            .transport
-            .registry_url(&endpoint, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "http");
+        assert_eq!(scheme(&client, &endpoint), "http");
         let secure = Endpoint {
             insecure: false,
             ..endpoint
         };
-        let url = client
-            .inner
-            .transport
-            .registry_url(&secure, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "https");
+        assert_eq!(scheme(&client, &secure), "https");
     }
 
     #[tokio::test]
@@ -778,12 +760,7 @@ mod tests {
             .fetch_manifest(&endpoint, "app", "v1", None)
             .await
             .unwrap();
-        let url = client
-            .inner
-            .transport
-            .registry_url(&endpoint, "/v2/")
-            .unwrap();
-        assert_eq!(url.scheme(), "https");
+        assert_eq!(scheme(&client, &endpoint), "https");
     }
 
     #[tokio::test]
@@ -796,11 +773,7 @@ mod tests {
             fake::with_header(fake::reply(307, ""), "location", &location)
         })
         .await;
-        let err = fake::client()
-            .fetch_blob(&fake::insecure(&registry), "app", &fake::layer(), 0, None)
-            .await
-            .err()
-            .unwrap();
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
         assert!(
             matches!(err, RegistryError::DowngradeRedirect { .. }),
             "{err}"

@@ -9,7 +9,10 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::registry::Registry;
-use super::{must, read_log, require_tool, terminate, wait_ready, HarnessError, IoContext, Result};
+use super::{
+    must, read_log, require_tool, spawn_logged, terminate, wait_ready, HarnessError, IoContext,
+    Result,
+};
 
 /// How to configure a [`Containerd`].
 #[derive(Debug, Clone)]
@@ -74,18 +77,11 @@ impl Containerd {
             .ctx(|| format!("writing {}", config_path.display()))?;
 
         let log = base.join("containerd.log");
-        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let stdout = log_file
-            .try_clone()
-            .ctx(|| format!("opening {}", log.display()))?;
-        let mut child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log_file)
-            .spawn()
-            .ctx(|| "starting containerd".into())?;
+        let mut child = spawn_logged(
+            Command::new("containerd").arg("--config").arg(&config_path),
+            &log,
+            "containerd",
+        )?;
 
         // "successfully booted" follows the gRPC server start; "Start streaming
         // server" is the CRI plugin's last step before it accepts requests (before
@@ -177,28 +173,27 @@ impl Containerd {
     /// Runs `ctr --address SOCK -n k8s.io ARGS…` and returns whatever happened.
     pub fn ctr(&self, args: &[&str]) -> Output {
         must(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["-n", NAMESPACE])
-                .args(args)
-                .stdin(Stdio::null())
+            self.ctr_command(args)
                 .output()
                 .ctx(|| format!("running ctr {args:?}")),
         )
     }
 
+    /// `ctr --address SOCK -n k8s.io ARGS…` with stdin closed, not yet run.
+    fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["-n", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null());
+        command
+    }
+
     /// [`Containerd::ctr`] that must succeed; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(self.ctr(args), || format!("ctr {args:?}"))
     }
 
     /// Runs `args` in a new container from `image` (`ctr run --rm`) and returns what
@@ -217,15 +212,9 @@ impl Containerd {
 
     /// [`Containerd::run_container`] that must succeed; returns stdout.
     pub fn run_ok(&self, image: &str, args: &[&str]) -> String {
-        let out = self.run_container(image, args);
-        assert!(
-            out.status.success(),
-            "running {args:?} in {image} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(self.run_container(image, args), || {
+            format!("running {args:?} in {image}")
+        })
     }
 
     /// An ID no other containerd instance (in this or another test process) uses.
@@ -308,16 +297,7 @@ impl Containerd {
     /// Kills and deletes tasks left running (a test that failed mid-run): killing
     /// only the shim would orphan the container's processes.
     fn remove_tasks(&self) {
-        let run = |args: &[&str]| {
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .args(["-n", NAMESPACE])
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .ok()
-        };
+        let run = |args: &[&str]| self.ctr_command(args).output().ok();
         let Some(listed) = run(&["tasks", "ls", "-q"]) else {
             return;
         };
@@ -398,22 +378,26 @@ state = "{state}"
     toml
 }
 
+/// The stdout of a command that must have succeeded; a failure panics with both
+/// streams.
+fn succeeded(out: Output, what: impl FnOnce() -> String) -> String {
+    assert!(
+        out.status.success(),
+        "{} failed ({}): {}\nstdout: {}",
+        what(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Kills shims left by this containerd (a container still running when the test
 /// ended). They carry our socket path in their `-address` argument.
 fn kill_shims(socket: &Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
     let needle = socket.as_os_str().as_encoded_bytes();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for (pid, dir) in super::processes() {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
         let mut args = cmdline.split(|b| *b == 0);
@@ -421,9 +405,7 @@ fn kill_shims(socket: &Path) {
             .next()
             .is_some_and(|arg0| arg0.ends_with(b"containerd-shim-runc-v2"));
         if is_shim && cmdline.split(|b| *b == 0).any(|arg| arg == needle) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
 }

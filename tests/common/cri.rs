@@ -12,28 +12,24 @@ use tonic::transport::Channel;
 
 use super::containerd::{Containerd, NAMESPACE};
 use super::registry::Registry;
-use super::{must, read_log, terminate, wait_ready, HarnessError, IoContext, Result};
+use super::{must, read_log, spawn_logged, terminate, wait_ready, HarnessError, IoContext, Result};
 
 pub use cri_imaged::proto;
 
-/// Connects an `ImageService` client to a unix socket (the URI is a placeholder;
-/// every connection goes to `socket`).
+/// A gRPC channel to a unix socket (any service on it), dialled by the daemon's
+/// own client code.
+pub async fn channel(socket: &Path) -> Channel {
+    cri_imaged::client::channel(&socket.display().to_string())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()))
+}
+
+/// Connects an `ImageService` client to a unix socket (cri-imaged's or containerd's
+/// own CRI), with the client the `cri-imaged` subcommands use.
 pub async fn connect(socket: &Path) -> ImageServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await;
-    match channel {
-        Ok(channel) => ImageServiceClient::new(channel),
-        Err(e) => panic!("connecting to CRI at {}: {e}", socket.display()),
-    }
+    cri_imaged::client::connect(&socket.display().to_string())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to CRI at {}: {e}", socket.display()))
 }
 
 /// A `PullImageRequest` for `image`, with username/password if given (what kubelet
@@ -276,20 +272,15 @@ impl DaemonConfig {
         .ctx(|| format!("writing {}", config.display()))?;
 
         let log = base.join("cri-imaged.log");
-        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let stdout = log_file
-            .try_clone()
-            .ctx(|| format!("opening {}", log.display()))?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-            .arg("--config")
-            .arg(&config)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log_file)
-            .spawn()
-            .ctx(|| "starting cri-imaged".into())?;
+        let mut child = spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+                .arg("--config")
+                .arg(&config)
+                .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
+            &log,
+            "cri-imaged",
+        )?;
         let waited = wait_ready(
             "cri-imaged",
             &mut child,

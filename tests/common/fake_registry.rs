@@ -15,8 +15,9 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
+use super::http_server::ServerThread;
 use super::images::OciImage;
 use super::{IoContext, Result};
 
@@ -88,8 +89,8 @@ struct State {
 pub struct FakeRegistry {
     addr: SocketAddr,
     state: Arc<State>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    // Last: dropped after `Drop::drop` has released the stalled bodies.
+    server: ServerThread,
 }
 
 impl FakeRegistry {
@@ -100,14 +101,6 @@ impl FakeRegistry {
     }
 
     pub fn try_start() -> Result<FakeRegistry> {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").ctx(|| "binding fake registry".into())?;
-        listener
-            .set_nonblocking(true)
-            .ctx(|| "fake registry listener".into())?;
-        let addr = listener
-            .local_addr()
-            .ctx(|| "fake registry address".into())?;
         let (release_signal, _) = watch::channel(0);
         let state = Arc::new(State {
             blobs: Mutex::new(HashMap::new()),
@@ -118,18 +111,15 @@ impl FakeRegistry {
             released: Arc::new(Mutex::new(Some(Vec::new()))),
             release_signal,
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ctx(|| "fake registry runtime".into())?;
-        let (shutdown, stop) = oneshot::channel();
         let served = state.clone();
-        let thread = std::thread::spawn(move || runtime.block_on(serve(listener, served, stop)));
+        let server = ServerThread::start("fake registry", None, move |request| {
+            let state = served.clone();
+            async move { state.handle(request).await }
+        })?;
         Ok(FakeRegistry {
-            addr,
+            addr: server.addr(),
             state,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            server,
         })
     }
 
@@ -251,50 +241,6 @@ impl Drop for FakeRegistry {
     fn drop(&mut self) {
         // Wake stalled bodies so their connections can close.
         self.release_all();
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-async fn serve(
-    listener: std::net::TcpListener,
-    state: Arc<State>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("fake registry listener: {e}");
-            return;
-        }
-    };
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("fake registry accept: {e}");
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(request).await) }
-            });
-            // Errors here are the faults we inject (a dropped body) or TLS hellos
-            // sent to a plain-HTTP port: nothing to act on.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

@@ -4,31 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::containerd::Containerd;
-
-/// A gRPC channel over a unix socket (any service; the URI is a placeholder).
-pub async fn channel(socket: &Path) -> Channel {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await;
-    match channel {
-        Ok(channel) => channel,
-        Err(e) => panic!("connecting to {}: {e}", socket.display()),
-    }
-}
+use super::cri::channel;
 
 /// Asserts `grpc.health.v1.Health/Check` (whole server) answers SERVING.
 pub async fn assert_serving(socket: &Path) {

@@ -11,7 +11,9 @@
 //! - [`cri`]: a tonic CRI client over a unix socket, and the cri-imaged `Daemon`.
 //! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
 //! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
+//! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
+//! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //!
 //! Every instance owns its temp dir and ports, so tests run in parallel. Anything that
 //! cannot start fails the test with an install hint; nothing is skipped.
@@ -20,10 +22,12 @@
 pub mod containerd;
 pub mod cri;
 pub mod fake_registry;
+pub mod http_server;
 pub mod images;
 pub mod leftovers;
 pub mod records;
 pub mod registry;
+pub mod scenario;
 pub mod tls;
 pub mod token;
 
@@ -118,6 +122,21 @@ pub fn run(command: &mut Command) -> Result<Output> {
     Ok(output)
 }
 
+/// Starts `command` (named `what` in errors) with stdin closed and stdout and stderr
+/// both going to a new file at `log`.
+pub fn spawn_logged(command: &mut Command, log: &Path, what: &str) -> Result<Child> {
+    let log_file = std::fs::File::create(log).ctx(|| format!("creating {}", log.display()))?;
+    let stdout = log_file
+        .try_clone()
+        .ctx(|| format!("opening {}", log.display()))?;
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(log_file)
+        .spawn()
+        .ctx(|| format!("starting {what}"))
+}
+
 /// Polls `ready` every 20 ms until it returns `Some`, `child` exits, or `limit` passes.
 /// The limit only bounds a hang; nothing asserts on how long it took.
 pub fn wait_ready<T>(
@@ -154,6 +173,20 @@ pub fn wait_ready<T>(
 pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
+}
+
+/// Every process in /proc, with its /proc directory (none if /proc cannot be read).
+pub fn processes() -> Vec<(rustix::process::Pid, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((rustix::process::Pid::from_raw(pid)?, entry.path()))
+        })
+        .collect()
 }
 
 /// Stops a child we started: SIGTERM, then SIGKILL if it is still there after `grace`.

@@ -2,14 +2,16 @@
 //! own: open over plain HTTP, TLS + htpasswd basic auth, TLS + token auth.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use super::tls::TestCa;
 use super::token::{TokenOptions, TokenServer, TokenUser};
-use super::{must, read_log, require_tool, run, terminate, wait_ready, IoContext, Result};
+use super::{
+    must, read_log, require_tool, run, spawn_logged, terminate, wait_ready, IoContext, Result,
+};
 
 /// A username and password. `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -178,18 +180,13 @@ impl Registry {
         std::fs::write(&config_path, config)
             .ctx(|| format!("writing {}", config_path.display()))?;
         let log = dir.path().join("registry.log");
-        let log_file = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let stderr = log_file
-            .try_clone()
-            .ctx(|| format!("opening {}", log.display()))?;
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(stderr)
-            .spawn()
-            .ctx(|| "starting docker-registry".into())?;
+        let mut child = spawn_logged(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path),
+            &log,
+            "docker-registry",
+        )?;
         let waited = wait_ready(
             "docker-registry",
             &mut child,

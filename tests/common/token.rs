@@ -3,7 +3,6 @@
 //! `grant_type=password|refresh_token`), signing ES256 JWTs that docker-registry accepts.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,10 +14,10 @@ use hyper::{Request, Response, StatusCode};
 use ring::rand::SecureRandom as _;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::Serialize;
-use tokio::sync::oneshot;
 
+use super::http_server::ServerThread;
 use super::tls::{Issued, TestCa};
-use super::{HarnessError, IoContext, Result};
+use super::{HarnessError, Result};
 
 /// A user the token server knows, with the repositories it may pull and push.
 /// Patterns: `*` (any), `name` (exact) or `prefix/*`.
@@ -122,8 +121,7 @@ pub struct TokenRequest {
 pub struct TokenServer {
     addr: SocketAddr,
     state: Arc<State>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: ServerThread,
 }
 
 struct State {
@@ -151,14 +149,6 @@ impl TokenServer {
         .map_err(HarnessError::SigningKey)?;
         let x5c = base64::engine::general_purpose::STANDARD.encode(signing.cert_der()?);
         let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_cert.server_config()?));
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").ctx(|| "binding token server".into())?;
-        listener
-            .set_nonblocking(true)
-            .ctx(|| "token server listener".into())?;
-        let addr = listener
-            .local_addr()
-            .ctx(|| "token server address".into())?;
         let state = Arc::new(State {
             options,
             key,
@@ -167,19 +157,15 @@ impl TokenServer {
             requests: Mutex::new(Vec::new()),
             refresh_tokens: Mutex::new(HashMap::new()),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ctx(|| "token server runtime".into())?;
-        let (shutdown, stop) = oneshot::channel();
         let served = state.clone();
-        let thread =
-            std::thread::spawn(move || runtime.block_on(serve(listener, tls, served, stop)));
+        let server = ServerThread::start("token server", Some(tls), move |request| {
+            let state = served.clone();
+            async move { state.handle(request).await }
+        })?;
         Ok(TokenServer {
-            addr,
+            addr: server.addr(),
             state,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            server,
         })
     }
 
@@ -223,65 +209,6 @@ impl TokenServer {
     /// Mints an access token directly (for `registrytoken` tests).
     pub fn mint(&self, subject: &str, access: Vec<Access>) -> String {
         self.state.jwt(subject, &access)
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-async fn serve(
-    listener: std::net::TcpListener,
-    tls: tokio_rustls::TlsAcceptor,
-    state: Arc<State>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(e) => {
-            tracing::error!("token server listener: {e}");
-            return;
-        }
-    };
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("token server accept: {e}");
-                    continue;
-                }
-            },
-        };
-        let tls = tls.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let stream = match tls.accept(stream).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!("token server TLS handshake: {e}");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(request).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                tracing::warn!("token server connection: {e}");
-            }
-        });
     }
 }
 
