@@ -287,8 +287,8 @@ impl Inner {
                             credential_source: candidate.source.clone(),
                         });
                     }
-                    Err(PullError::Registry { source: e, .. }) if auth_status(&e).is_some() => {
-                        let status = auth_status(&e).unwrap_or(401);
+                    Err(PullError::Registry { source: e, .. }) if e.is_auth_failure() => {
+                        let status = auth_status(&e);
                         tracing::info!(
                             registry = %source.endpoint.host,
                             key = %candidate.key,
@@ -706,12 +706,11 @@ fn ingest_ref(kind: &str, digest: &Digest) -> String {
     format!("{kind}-{digest}")
 }
 
-/// The status (401/403) of a registry error that means "these credentials won't do".
-fn auth_status(e: &RegistryError) -> Option<u16> {
+/// The HTTP status of a registry error that means "these credentials won't do".
+fn auth_status(e: &RegistryError) -> u16 {
     match e {
-        RegistryError::Denied { .. } => Some(403),
-        e if e.is_auth_failure() => Some(401),
-        _ => None,
+        RegistryError::Denied { .. } => 403,
+        _ => 401,
     }
 }
 
