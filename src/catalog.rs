@@ -220,6 +220,11 @@ impl Catalog {
         match self.store.read_content(digest, MAX_DOCUMENT_BYTES).await {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
+            // A document too big or unreadable makes that image unlistable, not all.
+            Err(e @ (StoreError::TooLarge { .. } | StoreError::Malformed { .. })) => {
+                tracing::warn!(%digest, error = %e, "skipping an image whose content cannot be read");
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }

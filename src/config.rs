@@ -90,7 +90,7 @@ impl Default for PullConfig {
         PullConfig {
             platform: String::new(),
             max_concurrent_downloads: 4,
-            lease_expiry_seconds: 3600,
+            lease_expiry_seconds: 86400,
         }
     }
 }

@@ -103,6 +103,11 @@ impl Policy {
             if prefix.starts_with("*.") && !location.is_empty() {
                 return Err(invalid("a wildcard prefix cannot have a location"));
             }
+            if !location.is_empty() && !is_registry_location(&normalize_hub(&location)) {
+                return Err(invalid(
+                    "location is not a registry host[:port] optionally followed by /path",
+                ));
+            }
             rules.push(Rule {
                 prefix: normalize_hub(&prefix),
                 location: normalize_hub(if location.is_empty() {
@@ -138,7 +143,13 @@ impl Policy {
                 let rewritten = format!("{}{}", rule.location, &name[rule.prefix.len()..]);
                 match Reference::parse(&format!("{rewritten}:latest")) {
                     Ok(r) => (reference.with_location(r.domain(), r.path()), rule.insecure),
-                    Err(_) => (reference.clone(), rule.insecure),
+                    // A valid location can still make a name too long: pull from the
+                    // original, and never with the rule's insecure flag, which was
+                    // meant for the location.
+                    Err(e) => {
+                        tracing::warn!(image = %reference, location = %rule.location, error = %e, "cannot rewrite the image to its registries.conf location; pulling from the original");
+                        (reference.clone(), false)
+                    }
                 }
             }
             Some(rule) => (reference.clone(), rule.insecure),
@@ -159,6 +170,15 @@ impl Policy {
     /// Whether `host` (`host[:port]`) is configured insecure.
     pub fn host_insecure(&self, host: &str) -> bool {
         self.rule_for(host).is_some_and(|r| r.insecure)
+    }
+}
+
+/// Whether `location` is `host[:port][/path]` with a real registry host first (a
+/// name without '.' or ':' would be read as a Docker Hub repository).
+fn is_registry_location(location: &str) -> bool {
+    match Reference::parse(&format!("{location}/x")) {
+        Ok(r) => location.split('/').next() == Some(r.domain()),
+        Err(_) => false,
     }
 }
 
@@ -250,6 +270,13 @@ insecure = true
             .unwrap_err()
             .to_string();
         assert!(e.contains("/x/r.conf") && e.contains("entry 0"), "{e}");
+        for bad in ["quay io", "myregistry/path", "host:port/x", "r.io//x"] {
+            let text = format!("[[registry]]\nprefix = \"example.com\"\nlocation = \"{bad}\"\n");
+            let e = Policy::parse(&text, Path::new("/x/r.conf"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("location"), "{bad}: {e}");
+        }
         let e = Policy::parse("[[registry]\n", Path::new("/x/r.conf"))
             .unwrap_err()
             .to_string();

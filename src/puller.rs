@@ -171,6 +171,7 @@ impl Puller {
         auth: Option<RequestAuth>,
     ) -> Result<Pulled, Arc<PullError>> {
         let key = inflight_key(&reference, auth.as_ref());
+        let reference_text = reference.to_string();
         let shared = {
             let mut inflight = self
                 .inner
@@ -195,9 +196,18 @@ impl Puller {
                         .remove(&task_key);
                     result
                 });
-                let image = key.clone();
+                let image = reference_text;
+                let inner = self.inner.clone();
+                let failed_key = key.clone();
                 let fut: BoxFuture<'static, Result<Pulled, Arc<PullError>>> = async move {
                     handle.await.unwrap_or_else(|e| {
+                        // The task panicked before removing its entry: remove it here,
+                        // or every later pull of this image would get this error.
+                        inner
+                            .inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&failed_key);
                         Err(Arc::new(PullError::Task {
                             image,
                             detail: e.to_string(),
@@ -219,7 +229,8 @@ impl Puller {
 /// request's auth, never the secret.
 fn inflight_key(reference: &Reference, auth: Option<&RequestAuth>) -> String {
     let fingerprint = auth.map(|a| {
-        let joined = [
+        // Length-prefixed, so no two different logins encode alike.
+        let encoded: String = [
             &a.username,
             &a.password,
             &a.auth,
@@ -227,10 +238,9 @@ fn inflight_key(reference: &Reference, auth: Option<&RequestAuth>) -> String {
             &a.registry_token,
         ]
         .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join("\0");
-        Digest::of(joined.as_bytes()).hex()[..16].to_string()
+        .map(|s| format!("{}:{s}", s.len()))
+        .collect();
+        Digest::of(encoded.as_bytes()).hex()[..16].to_string()
     });
     format!("{reference} {}", fingerprint.unwrap_or_default())
 }
@@ -376,6 +386,16 @@ impl Inner {
                 }
             };
         let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;
+        // The config is read whole: refuse an absurd one before downloading it.
+        if manifest.config.size > MAX_DOCUMENT_BYTES {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "the config {} is {} bytes; at most {MAX_DOCUMENT_BYTES} are accepted",
+                    manifest.config.digest, manifest.config.size
+                ),
+            ));
+        }
         if let Some(bad) = manifest
             .layers
             .iter()
@@ -478,6 +498,14 @@ impl Inner {
             let layer = &manifest.layers[i];
             let unpack_started = Instant::now();
             let chain_id = &chain_ids[i];
+            // Held first, then looked at: a snapshot of another image found here cannot
+            // be collected before our records reference it.
+            self.store_call(
+                at,
+                self.store
+                    .lease_snapshot(lease, &self.settings.snapshotter, chain_id),
+            )
+            .await?;
             let exists = self
                 .store_call(
                     at,
@@ -817,11 +845,7 @@ async fn fetch_blob(
     if result.is_ok() {
         tracing::debug!(blob = %desc.digest, kind, size = desc.size, elapsed_ms = started.elapsed().as_millis() as u64, "blob stored");
     }
-    if result.is_err() {
-        if let Err(e) = store.abort_ingest(&reference).await {
-            tracing::debug!(reference, error = %e, "could not abort the ingest");
-        }
-    }
+    // On failure the pull drops every ingest it opened, this one included.
     result
 }
 

@@ -39,6 +39,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("config key `pull.platform`: {0}")]
+    Platform(#[from] crate::platform::PlatformError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
@@ -67,9 +69,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         ..ClientSettings::default()
     })?;
     let policy = Policy::load(&config.registry.registries_conf)?;
-    let platform = config
-        .platform()
-        .unwrap_or_else(|_| crate::platform::PlatformSpec::host());
+    let platform = config.platform()?;
     let settings = PullSettings {
         snapshotter: config.containerd.snapshotter.clone(),
         platform: platform.clone(),

@@ -253,6 +253,31 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
     );
     assert_nothing_left(&containerd, &[], "a config with too few diff IDs");
 
+    // A manifest declaring an absurd config is refused before anything is fetched.
+    let mut huge = manifest.clone();
+    huge["config"]["size"] = serde_json::json!(1u64 << 40);
+    fake.put_manifest(
+        "faults/status",
+        "huge-config",
+        MEDIA_MANIFEST,
+        serde_json::to_vec(&huge).expect("manifest JSON"),
+    );
+    let before = fake.requests().len();
+    let status = pull_fails(
+        &daemon,
+        cri::pull_request(&format!("{}/faults/status:huge-config", fake.host()), None),
+        Code::FailedPrecondition,
+    )
+    .await;
+    assert!(status.message().contains("config"), "{}", status.message());
+    assert!(
+        fake.requests()[before..]
+            .iter()
+            .all(|r| !r.path.contains("/blobs/")),
+        "no blob was fetched for a manifest with an absurd config"
+    );
+    assert_nothing_left(&containerd, &[], "a manifest with an absurd config size");
+
     assert_serving(daemon.socket()).await;
     let id = pull(&daemon, &reference, None)
         .await

@@ -752,3 +752,63 @@ async fn daemon_log_never_contains_request_secrets_even_at_debug_level() {
         }
     }
 }
+
+/// A re-pull leaves labels others put on the records (containerd 1.7's pin) alone,
+/// and an image record we cannot read (a target digest that is not sha256, written by
+/// some other tool) is skipped rather than failing ListImages for every image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repull_keeps_the_pin_and_an_unreadable_record_does_not_hide_the_others() {
+    let (containerd, open) = start(Registry::open);
+    let pushed = images::busybox().build().push(&open, "rpc/pinned");
+    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+    pull_ok(&daemon, &pushed.reference, None).await;
+    containerd.ctr_ok(&[
+        "images",
+        "label",
+        &pushed.reference,
+        "io.cri-containerd.pinned=pinned",
+    ]);
+    assert!(
+        status(daemon.socket(), &pushed.reference)
+            .await
+            .expect("present")
+            .pinned
+    );
+    pull_ok(&daemon, &pushed.reference, None).await;
+    let image = status(daemon.socket(), &pushed.reference)
+        .await
+        .expect("present");
+    assert!(image.pinned, "the re-pull dropped the pin: {image:?}");
+
+    // A record whose target digest is not sha256, created through containerd's API.
+    let channel = cri_imaged::client::channel(&format!("unix://{}", containerd.address()))
+        .await
+        .expect("containerd channel");
+    let mut images_client =
+        containerd_client::services::v1::images_client::ImagesClient::new(channel);
+    let mut request = tonic::Request::new(containerd_client::services::v1::CreateImageRequest {
+        image: Some(containerd_client::services::v1::Image {
+            name: "example.com/odd:1".into(),
+            target: Some(containerd_client::types::Descriptor {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: format!("sha512:{}", "ab".repeat(64)),
+                size: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("containerd-namespace", "k8s.io".parse().expect("header"));
+    images_client
+        .create(request)
+        .await
+        .expect("create the odd record");
+    assert!(containerd
+        .image_names()
+        .contains(&"example.com/odd:1".to_string()));
+    let listed = list(daemon.socket(), None).await;
+    assert_eq!(ids(&listed), BTreeSet::from([pushed.config_digest.clone()]));
+}

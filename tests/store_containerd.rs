@@ -533,3 +533,87 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
         self.clone()
     }
 }
+
+/// Content and snapshots a pull finds already present are held by its lease: when
+/// the lease that wrote them (standing for another image) goes, they stay until the
+/// finding pull's lease goes too.
+#[tokio::test]
+async fn present_content_and_snapshots_are_held_by_the_finding_pulls_lease() {
+    for direct in [true, false] {
+        let containerd = start_containerd();
+        let store = ContainerdStore::connect(&containerd.address(), "k8s.io")
+            .unwrap()
+            .with_direct_content(direct);
+        let (tar, gz) = tar_gz(&[("etc/held", b"held\n")]);
+        let layer = blob(&gz, LAYER_MEDIA_TYPE);
+        let diff = Digest::of(&tar);
+
+        let first = store.create_lease(Duration::from_secs(3600)).await.unwrap();
+        put_blob(&store, &first, &gz, &layer).await;
+        store
+            .apply_layer(&first, SNAPSHOTTER, &layer, &diff, None, &diff)
+            .await
+            .unwrap();
+
+        let second = store.create_lease(Duration::from_secs(3600)).await.unwrap();
+        assert!(matches!(
+            store
+                .open_writer(&second, "layer-held", &layer)
+                .await
+                .unwrap(),
+            Ingest::Present
+        ));
+        store
+            .lease_snapshot(&second, SNAPSHOTTER, &diff)
+            .await
+            .unwrap();
+
+        store.delete_lease(&first, true).await.unwrap();
+        assert!(
+            store.content_info(&layer.digest).await.unwrap().is_some(),
+            "direct={direct}"
+        );
+        assert!(
+            store.snapshot_exists(SNAPSHOTTER, &diff).await.unwrap(),
+            "direct={direct}"
+        );
+
+        store.delete_lease(&second, true).await.unwrap();
+        assert!(
+            store.content_info(&layer.digest).await.unwrap().is_none(),
+            "direct={direct}"
+        );
+        assert!(
+            !store.snapshot_exists(SNAPSHOTTER, &diff).await.unwrap(),
+            "direct={direct}"
+        );
+    }
+}
+
+/// Files left staged by a daemon that died mid-pull are removed when the store
+/// first finds containerd's content directory.
+#[tokio::test]
+async fn stale_staged_blobs_are_removed_on_first_use() {
+    let containerd = start_containerd();
+    let staging = containerd
+        .root()
+        .join("io.containerd.content.v1.content")
+        .join("cri-imaged-ingest");
+    std::fs::create_dir_all(&staging).unwrap();
+    let stale = staging.join("layer-sha256-0000");
+    std::fs::write(&stale, vec![7u8; 4096]).unwrap();
+    let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
+    let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
+    put_blob(
+        &store,
+        &lease,
+        b"fresh",
+        &blob(b"fresh", "application/octet-stream"),
+    )
+    .await;
+    assert!(
+        !stale.exists(),
+        "{} should have been removed",
+        stale.display()
+    );
+}

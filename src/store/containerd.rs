@@ -26,7 +26,7 @@ use crate::oci::Descriptor;
 use async_trait::async_trait;
 use bytes::Bytes;
 use containerd_client::services::v1::leases_client::LeasesClient;
-use containerd_client::services::v1::{CreateRequest, DeleteRequest};
+use containerd_client::services::v1::{AddResourceRequest, CreateRequest, DeleteRequest, Resource};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +95,40 @@ impl ContainerdStore {
     pub fn with_direct_content(mut self, enabled: bool) -> Self {
         self.direct_content = enabled;
         self
+    }
+
+    /// Adds a resource (`content` by digest, `snapshots/<snapshotter>` by key) to a
+    /// lease, as containerd does itself for content a lease-bearing write finds present.
+    async fn add_to_lease(&self, lease: &Lease, id: &str, kind: &str) -> Result<(), StoreError> {
+        let request = self.request(
+            AddResourceRequest {
+                id: lease.id.clone(),
+                resource: Some(Resource {
+                    id: id.to_string(),
+                    r#type: kind.to_string(),
+                }),
+            },
+            None,
+        )?;
+        self.leases()
+            .add_resource(request)
+            .await
+            .map_err(|status| {
+                self.status_error("Leases.AddResource", status, || {
+                    format!("lease {}", lease.id)
+                })
+            })?;
+        Ok(())
+    }
+
+    /// Holds content found already present with the pull's lease.
+    pub(super) async fn lease_content(
+        &self,
+        lease: &Lease,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        self.add_to_lease(lease, &digest.to_string(), "content")
+            .await
     }
 
     /// The content directory for direct writes, found on first use. Not cached
@@ -292,6 +326,20 @@ impl ImageStore for ContainerdStore {
         chain_id: &Digest,
     ) -> Result<bool, StoreError> {
         self.committed_snapshot_exists(snapshotter, chain_id).await
+    }
+
+    async fn lease_snapshot(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        self.add_to_lease(
+            lease,
+            &chain_id.to_string(),
+            &format!("snapshots/{snapshotter}"),
+        )
+        .await
     }
 
     async fn apply_layer(

@@ -165,6 +165,16 @@ impl ImageStore for MemoryStore {
             .contains_key(&(snapshotter.to_string(), chain_id.clone())))
     }
 
+    async fn lease_snapshot(
+        &self,
+        _lease: &Lease,
+        _snapshotter: &str,
+        _chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        // Nothing is ever collected in memory.
+        Ok(())
+    }
+
     async fn apply_layer(
         &self,
         _lease: &Lease,

@@ -60,7 +60,8 @@ pub struct FsUsage {
 
 /// Result of opening an ingest for a blob.
 pub enum Ingest {
-    /// The blob is already committed in the content store.
+    /// The blob is already committed in the content store (and now held by the lease
+    /// the ingest was opened under).
     Present,
     /// Write from `writer.offset()` on, then commit.
     Writer(Box<dyn ContentWriter>),
@@ -111,6 +112,14 @@ pub trait ImageStore: Send + Sync {
         snapshotter: &str,
         chain_id: &Digest,
     ) -> Result<bool, StoreError>;
+    /// Adds an existing committed snapshot to `lease`, so it cannot be collected
+    /// (by a concurrent RemoveImage, say) before this pull's records reference it.
+    async fn lease_snapshot(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError>;
     /// Unpacks `layer` on top of `parent` and commits the snapshot named `chain_id`.
     /// `diff_id` is the uncompressed digest the image config promises for this layer:
     /// if the differ computes another one, nothing is committed and the result is

@@ -137,6 +137,9 @@ impl ContainerdStore {
         let deadline = Instant::now() + LOCKED_REF_WAIT;
         let mut backoff = Duration::from_millis(50);
         loop {
+            // Held first, then looked at: content found present cannot be collected
+            // before the pull's records reference it.
+            self.lease_content(lease, &expected.digest).await?;
             if self.info(&expected.digest).await?.is_some() {
                 return Ok(Ingest::Present);
             }

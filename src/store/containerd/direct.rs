@@ -91,6 +91,15 @@ impl DirectContent {
                 return Ok(None);
             }
         }
+        // Files staged by an earlier run that died mid-pull: that pull's lease has
+        // expired or will, and nobody resumes them before this process writes anew.
+        if let Ok(entries) = std::fs::read_dir(&staging) {
+            for entry in entries.flatten() {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale staged blob");
+                }
+            }
+        }
         tracing::info!(root = %root.display(), "writing blobs straight into containerd's content directory");
         Ok(Some(DirectContent {
             blobs,
@@ -114,9 +123,10 @@ impl DirectContent {
     }
 
     fn lock_for(&self, path: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        self.active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        // Locks nobody holds or waits for (only the map has them) are forgotten.
+        active.retain(|_, lock| Arc::strong_count(lock) > 1);
+        active
             .entry(path.to_string_lossy().into_owned())
             .or_default()
             .clone()
@@ -145,6 +155,8 @@ impl DirectContent {
         let path = self.staged_path(reference);
         let guard = self.lock_for(&path).lock_owned().await;
         // Another pull may have finished this blob while we waited for the lock.
+        // Held first, then looked at (see `open_ingest`).
+        store.lease_content(lease, &expected.digest).await?;
         if store.info(&expected.digest).await?.is_some() {
             return Ok(Ingest::Present);
         }
@@ -242,7 +254,7 @@ impl DirectWriter {
             .open_ingest(&self.lease, &self.reference, &self.expected)
             .await?
         {
-            Ingest::Present => self.store.set_labels(&self.expected.digest, labels).await,
+            Ingest::Present => self.store.set_labels(&self.expected.digest, labels).await?,
             Ingest::Writer(mut writer) => {
                 let taken = writer.offset();
                 if taken < self.expected.size {
@@ -253,9 +265,19 @@ impl DirectWriter {
                     );
                     self.stream_from(taken, writer.as_mut()).await?;
                 }
-                writer.commit(labels).await
+                writer.commit(labels).await?;
             }
         }
+        // containerd's GC removes files under blobs/ that no record names, and only
+        // locks against writers while one is opening or committing: between our STAT
+        // and COMMIT it may have taken the linked file. The staged copy still exists.
+        if !tokio::fs::try_exists(&blob).await.unwrap_or(true) {
+            tracing::info!(blob = %blob.display(), "blob file collected before it was recorded; linking it again");
+            tokio::fs::hard_link(&self.path, &blob)
+                .await
+                .map_err(io_err("cannot link blob", &blob))?;
+        }
+        Ok(())
     }
 
     async fn stream_from(

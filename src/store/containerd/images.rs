@@ -31,7 +31,17 @@ impl ContainerdStore {
             .map_err(|status| self.status_error("Images.List", status, || "images".into()))?
             .into_inner()
             .images;
-        images.into_iter().map(image_record).collect()
+        // One record another tool wrote oddly (a non-sha256 target, say) must not
+        // hide every other image from kubelet: skip it, loudly.
+        Ok(images
+            .into_iter()
+            .filter_map(|image| {
+                let name = image.name.clone();
+                image_record(image)
+                    .map_err(|e| tracing::warn!(image = %name, error = %e, "skipping an image record we cannot read"))
+                    .ok()
+            })
+            .collect())
     }
 
     pub(super) async fn images_get(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
@@ -71,12 +81,24 @@ impl ContainerdStore {
                 self.status_error("Images.Create", status, || format!("image {}", record.name))
             );
         }
+        // As containerd's CRI does: leave the record alone when it already says this
+        // (no update event), and otherwise set the target and only our labels, so
+        // labels others put there (containerd 1.7's pin, say) survive a re-pull.
+        if let Some(existing) = self.images_get(&record.name).await? {
+            let ours_present = record
+                .labels
+                .iter()
+                .all(|(k, v)| existing.labels.get(k) == Some(v));
+            if existing.target == record.target && ours_present {
+                return Ok(());
+            }
+        }
+        let mut paths = vec!["target".to_string()];
+        paths.extend(record.labels.keys().map(|k| format!("labels.{k}")));
         let request = self.request(
             UpdateImageRequest {
                 image: Some(image),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["target".into(), "labels".into()],
-                }),
+                update_mask: Some(prost_types::FieldMask { paths }),
                 ..Default::default()
             },
             None,
