@@ -70,9 +70,12 @@ fn pull_code(e: &PullError) -> Code {
 fn registry_code(e: &RegistryError) -> Code {
     use crate::registry::error::ErrorCode;
     match e {
+        // A registry breaking the protocol (bad Location, unparsable token realm or
+        // response, a redirect we refuse to follow) is the registry's failure, not ours.
         RegistryError::Unreachable { .. }
         | RegistryError::Interrupted { .. }
-        | RegistryError::TooManyRedirects { .. } => Code::Unavailable,
+        | RegistryError::TooManyRedirects { .. }
+        | RegistryError::BadResponse { .. } => Code::Unavailable,
         RegistryError::Server { status, .. } if *status >= 500 => Code::Unavailable,
         RegistryError::Server {
             code: Some(ErrorCode::NameInvalid),
@@ -93,7 +96,6 @@ fn registry_code(e: &RegistryError) -> Code {
         | RegistryError::DowngradeRedirect { .. }
         | RegistryError::TrustStore { .. } => Code::FailedPrecondition,
         RegistryError::Server { .. }
-        | RegistryError::BadResponse { .. }
         | RegistryError::OffsetBeyondEnd { .. }
         | RegistryError::Tls(_) => Code::Internal,
     }
@@ -273,23 +275,51 @@ mod tests {
         assert_eq!(request_auth(None), None);
     }
 
-    #[test]
-    fn registry_unreachable_is_marked_for_kubelet() {
-        let e = Error::Pull(Arc::new(PullError::Registry {
+    fn registry_status(source: RegistryError) -> Status {
+        Status::from(Error::Pull(Arc::new(PullError::Registry {
             image: "r.io/a:1".into(),
             registry: "r.io".into(),
-            source: Box::new(RegistryError::Unreachable {
+            source: Box::new(source),
+        })))
+    }
+
+    #[test]
+    fn registry_failures_are_unavailable_and_marked_for_kubelet() {
+        let table = [
+            RegistryError::Unreachable {
                 host: "r.io".into(),
                 detail: "connection refused".into(),
-            }),
-        }));
-        let s = Status::from(e);
-        assert_eq!(s.code(), Code::Unavailable);
-        assert!(
-            s.message().starts_with("RegistryUnavailable"),
-            "{}",
-            s.message()
-        );
+            },
+            // Protocol violations: a realm that is not a URL, a redirect we refuse.
+            RegistryError::BadResponse {
+                host: "r.io".into(),
+                detail: "token realm \"::\" is not a URL".into(),
+            },
+            RegistryError::TooManyRedirects {
+                host: "r.io".into(),
+                limit: 5,
+            },
+        ];
+        for source in table {
+            let text = source.to_string();
+            let s = registry_status(source);
+            assert_eq!(s.code(), Code::Unavailable, "{text}");
+            assert!(
+                s.message().starts_with("RegistryUnavailable"),
+                "{}",
+                s.message()
+            );
+        }
+    }
+
+    #[test]
+    fn unparsable_request_url_stays_invalid_argument() {
+        let source = url::Url::parse("::").unwrap_err();
+        let s = registry_status(RegistryError::InvalidUrl {
+            what: "r.io/a b".into(),
+            source,
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::credential::Credential;
 use super::error::{parse_error_body, RegistryError, RetryAfter};
-use super::transport::{authority, read_capped, redacted, Outgoing, Transport};
+use super::transport::{authority, is_insecure_for, read_capped, redacted, Outgoing, Transport};
 use super::Endpoint;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -426,8 +426,9 @@ struct TokenResponse {
 
 /// Obtains a bearer token for pulling `repository`. The realm may live on another
 /// host (delegated auth): then credentials configured for the realm's host are
-/// presented, each in turn until the realm accepts one, and the registry's own
-/// credential only when there are none.
+/// presented, each in turn until the realm accepts one, and the candidate's own
+/// credential after them. An anonymous candidate stays anonymous: presenting a
+/// realm credential would turn "try without credentials" into an authenticated pull.
 async fn fetch_token(
     transport: &Transport,
     endpoint: &Endpoint,
@@ -435,13 +436,14 @@ async fn fetch_token(
     credential: Option<&Credential>,
     realm_credentials: Option<&dyn RealmCredentials>,
 ) -> Result<(String, Duration), RegistryError> {
-    let realm = Url::parse(request.realm).map_err(|source| RegistryError::InvalidUrl {
-        what: format!("token realm of {}", endpoint.host),
-        source,
+    // The realm comes from the registry's challenge: a bad one is the registry's fault.
+    let realm = Url::parse(request.realm).map_err(|e| RegistryError::BadResponse {
+        host: endpoint.host.clone(),
+        detail: format!("token realm {:?} is not a URL: {e}", request.realm),
     })?;
     let realm_host = authority(&realm);
-    let delegated = match realm_credentials {
-        Some(lookup) if realm_host != endpoint.host => lookup.for_realm(&realm_host),
+    let delegated = match (realm_credentials, credential) {
+        (Some(lookup), Some(_)) if realm_host != endpoint.host => lookup.for_realm(&realm_host),
         _ => Vec::new(),
     };
     let mut refused = None;
@@ -466,10 +468,14 @@ async fn fetch_token(
             Err(e) => return Err(e),
         }
     }
-    match refused {
-        Some(e) => Err(e),
-        None => fetch_token_as(transport, endpoint, &realm, request, credential).await,
+    if let Some(e) = refused {
+        // Presenting the same credential twice would only be refused twice.
+        if delegated.iter().any(|d| Some(&d.credential) == credential) {
+            return Err(e);
+        }
+        tracing::info!(realm = %realm_host, "token realm refused the realm host's credentials; trying the registry's own");
     }
+    fetch_token_as(transport, endpoint, &realm, request, credential).await
 }
 
 #[tracing::instrument(skip(transport, endpoint, realm, request, credential), fields(host = %endpoint.host, repository = request.repository, kind = credential.map(Credential::kind).unwrap_or("anonymous")))]
@@ -480,7 +486,10 @@ async fn fetch_token_as(
     request: &TokenRequest<'_>,
     credential: Option<&Credential>,
 ) -> Result<(String, Duration), RegistryError> {
-    if realm.scheme() != "https" && !(realm.scheme() == "http" && endpoint.insecure) {
+    // Plain HTTP only on the insecure registry's own host: credentials go in this
+    // request, and another host has not been configured insecure.
+    if realm.scheme() != "https" && !(realm.scheme() == "http" && is_insecure_for(endpoint, realm))
+    {
         return Err(RegistryError::InsecureUrl {
             host: endpoint.host.clone(),
             url: redacted(realm),
@@ -786,19 +795,40 @@ mod tests {
 
     /// A token server (its own port, i.e. another host: delegated auth) and a
     /// registry that wants its tokens. The registry accepts only the token in
-    /// `valid`, which the token server sets to each token it issues.
+    /// `valid`, which the token server sets to each token it issues. The registry is
+    /// insecure plain HTTP; the token server, on another host, speaks TLS with a
+    /// certificate only `client()` trusts.
     struct Delegated {
         token: Fake,
         registry: Fake,
         valid: Arc<Mutex<String>>,
+        cert: fake::TestCert,
+        tmp: tempfile::TempDir,
     }
 
     impl Delegated {
+        /// A client trusting the token server's certificate.
+        fn client(&self) -> RegistryClient {
+            fake::client_trusting(self.tmp.path(), &self.cert, &[&self.token])
+        }
+
+        /// The same, with realm credentials.
+        fn client_with_realm(&self, table: Vec<(String, RealmCredential)>) -> RegistryClient {
+            RegistryClient::new(crate::registry::ClientSettings {
+                realm_credentials: Some(Arc::new(RealmTable(table))),
+                ca_dir: Some(fake::trust(self.tmp.path(), &self.cert, &[&self.token])),
+                ..fake::settings()
+            })
+            .unwrap()
+        }
+
         async fn start(allow_get: bool) -> Delegated {
+            let tmp = tempfile::tempdir().unwrap();
+            let cert = fake::TestCert::generate(tmp.path());
             let valid: Arc<Mutex<String>> = Arc::default();
             let issued = Arc::new(Mutex::new(0u32));
             let v = valid.clone();
-            let token = Fake::start(move |seen: &Seen| {
+            let token = Fake::start_tls(&cert, move |seen: &Seen| {
                 let body = String::from_utf8_lossy(&seen.body).into_owned();
                 let ok = match (seen.method.as_str(), seen.authorization()) {
                     ("GET", _) if !allow_get => return fake::reply(405, ""),
@@ -822,7 +852,7 @@ mod tests {
                 fake::reply(200, format!(r#"{{"{field}":"{tok}","expires_in":300}}"#))
             })
             .await;
-            let realm = format!("http://{}/token", token.host());
+            let realm = format!("https://{}/token", token.host());
             let v = valid.clone();
             let registry = Fake::start(move |seen: &Seen| {
                 let want = format!("Bearer {}", v.lock().unwrap());
@@ -842,6 +872,8 @@ mod tests {
                 token,
                 registry,
                 valid,
+                cert,
+                tmp,
             }
         }
     }
@@ -865,7 +897,7 @@ mod tests {
     #[tokio::test]
     async fn bearer_token_fetched_with_basic_auth_and_cached() {
         let d = Delegated::start(true).await;
-        pull(&fake::client(), &d, Some(&alice())).await.unwrap();
+        pull(&d.client(), &d, Some(&alice())).await.unwrap();
         let token_requests = d.token.seen();
         assert_eq!(
             token_requests.len(),
@@ -898,7 +930,7 @@ mod tests {
             username: "<token>".into(),
             token: "rt-1".into(),
         };
-        pull(&fake::client(), &d, Some(&cred)).await.unwrap();
+        pull(&d.client(), &d, Some(&cred)).await.unwrap();
         let t = &d.token.seen()[0];
         assert_eq!(t.method, Method::POST);
         assert_eq!(
@@ -920,7 +952,7 @@ mod tests {
     #[tokio::test]
     async fn password_grant_when_token_get_is_refused() {
         let d = Delegated::start(false).await;
-        pull(&fake::client(), &d, Some(&alice())).await.unwrap();
+        pull(&d.client(), &d, Some(&alice())).await.unwrap();
         let methods: Vec<Method> = d.token.seen().iter().map(|s| s.method.clone()).collect();
         assert_eq!(methods, vec![Method::GET, Method::POST]);
     }
@@ -928,7 +960,7 @@ mod tests {
     #[tokio::test]
     async fn anonymous_token_has_no_authorization() {
         let d = Delegated::start(true).await;
-        pull(&fake::client(), &d, None).await.unwrap();
+        pull(&d.client(), &d, None).await.unwrap();
         assert_eq!(d.token.seen()[0].authorization(), None);
     }
 
@@ -937,7 +969,7 @@ mod tests {
         let d = Delegated::start(true).await;
         *d.valid.lock().unwrap() = "given-token".into();
         let cred = Credential::RegistryToken("given-token".into());
-        pull(&fake::client(), &d, Some(&cred)).await.unwrap();
+        pull(&d.client(), &d, Some(&cred)).await.unwrap();
         assert!(d.token.seen().is_empty());
         assert_eq!(d.registry.seen().len(), 2);
     }
@@ -945,7 +977,7 @@ mod tests {
     #[tokio::test]
     async fn revoked_cached_token_is_dropped_and_renewed_once() {
         let d = Delegated::start(true).await;
-        let client = fake::client();
+        let client = d.client();
         pull(&client, &d, Some(&alice())).await.unwrap();
         *d.valid.lock().unwrap() = "revoked".into();
         pull(&client, &d, Some(&alice())).await.unwrap();
@@ -959,7 +991,7 @@ mod tests {
             username: "alice".into(),
             password: "wrong-pw".into(),
         };
-        let err = pull(&fake::client(), &d, Some(&cred)).await.unwrap_err();
+        let err = pull(&d.client(), &d, Some(&cred)).await.unwrap_err();
         assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
         let text = format!("{err} {err:?}");
         assert!(!text.contains("wrong-pw"), "{text}");
@@ -980,14 +1012,6 @@ mod tests {
         }
     }
 
-    fn client_with_realm(table: Vec<(String, RealmCredential)>) -> RegistryClient {
-        RegistryClient::new(crate::registry::ClientSettings {
-            realm_credentials: Some(Arc::new(RealmTable(table))),
-            ..crate::registry::ClientSettings::default()
-        })
-        .unwrap()
-    }
-
     fn realm_cred(label: &str, user: &str, pass: &str) -> RealmCredential {
         RealmCredential {
             label: label.into(),
@@ -1002,7 +1026,7 @@ mod tests {
     async fn delegated_realm_gets_the_realm_hosts_credentials_in_order() {
         let d = Delegated::start(true).await;
         let realm = d.token.host();
-        let client = client_with_realm(vec![
+        let client = d.client_with_realm(vec![
             (realm.clone(), realm_cred("wrong", "alice", "nope")),
             (realm.clone(), realm_cred("right", "alice", "s3cret")),
             ("elsewhere:1".into(), realm_cred("other", "mallory", "x")),
@@ -1026,23 +1050,46 @@ mod tests {
                 Some(basic_of("alice", "s3cret"))
             ]
         );
-        // Anonymous pulls present the realm host's credential too.
+    }
+
+    #[tokio::test]
+    async fn anonymous_candidate_gets_no_realm_credentials() {
         let d = Delegated::start(true).await;
-        let client = client_with_realm(vec![(
+        let client = d.client_with_realm(vec![(
             d.token.host(),
             realm_cred("right", "alice", "s3cret"),
         )]);
         pull(&client, &d, None).await.unwrap();
+        let seen = d.token.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].authorization(), None);
+    }
+
+    #[tokio::test]
+    async fn refused_realm_credentials_fall_back_to_the_candidates_own() {
+        let d = Delegated::start(true).await;
+        let client =
+            d.client_with_realm(vec![(d.token.host(), realm_cred("stale", "alice", "nope"))]);
+        pull(&client, &d, Some(&alice())).await.unwrap();
+        let auths: Vec<Option<String>> = d
+            .token
+            .seen()
+            .iter()
+            .map(|s| s.authorization().map(str::to_string))
+            .collect();
         assert_eq!(
-            d.token.seen()[0].authorization(),
-            Some(basic_of("alice", "s3cret").as_str())
+            auths,
+            vec![
+                Some(basic_of("alice", "nope")),
+                Some(basic_of("alice", "s3cret"))
+            ]
         );
     }
 
     #[tokio::test]
     async fn without_realm_credentials_the_registrys_go_to_the_realm() {
         let d = Delegated::start(true).await;
-        let client = client_with_realm(vec![(
+        let client = d.client_with_realm(vec![(
             "not-the-realm:443".into(),
             realm_cred("other", "mallory", "x"),
         )]);
@@ -1089,6 +1136,135 @@ mod tests {
                 assert!(detail.contains("login please"), "{detail}");
             }
             other => panic!("want Unauthorized, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn realm_on_another_host_gets_no_insecure_trust() {
+        // Insecure registry, token realm elsewhere with a self-signed certificate.
+        let d = Delegated::start(true).await;
+        let err = pull(&fake::client(), &d, Some(&alice())).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        assert!(d.token.seen().is_empty(), "the realm got a request");
+    }
+
+    /// A registry answering 401 with a Bearer challenge whose realm is `realm(host)`,
+    /// `host` being the one the request was sent to.
+    fn challenging(
+        realm: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> impl Fn(&Seen) -> fake::Reply + Send + Sync + 'static {
+        move |seen: &Seen| {
+            let host = seen.header("host").unwrap_or_default();
+            fake::with_header(
+                fake::error_reply(401, "UNAUTHORIZED", "authentication required"),
+                "www-authenticate",
+                &format!(r#"Bearer realm="{}",service="fake""#, realm(host)),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_http_realm_on_another_host_is_refused_for_insecure_registry() {
+        let token = Fake::start(|_: &Seen| fake::reply(200, r#"{"token":"t"}"#)).await;
+        let realm = format!("http://{}/token", token.host());
+        let registry = Fake::start(challenging(move |_| realm.clone())).await;
+        let err = fake::client()
+            .fetch_manifest(&fake::insecure(&registry), "app", "v1", Some(&alice()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::InsecureUrl { .. }), "{err}");
+        assert!(token.seen().is_empty(), "the realm got the credential");
+    }
+
+    /// A registry serving its own token realm at `/token` (Basic alice:s3cret) and
+    /// the image to holders of that token.
+    fn self_served(scheme: &'static str) -> impl Fn(&Seen) -> fake::Reply + Send + Sync + 'static {
+        let challenge = challenging(move |host| format!("{scheme}://{host}/token"));
+        move |seen: &Seen| {
+            if seen.path() == "/token" {
+                if seen.authorization() == Some(basic_of("alice", "s3cret").as_str()) {
+                    return fake::reply(200, r#"{"token":"own"}"#);
+                }
+                return fake::reply(401, "");
+            }
+            if seen.authorization() == Some("Bearer own") {
+                return fake::serve_image(seen);
+            }
+            challenge(seen)
+        }
+    }
+
+    #[tokio::test]
+    async fn realm_on_the_insecure_registrys_own_host_keeps_working() {
+        let plain = Fake::start(self_served("http")).await;
+        fake::client()
+            .fetch_manifest(&fake::insecure(&plain), "app", "v1", Some(&alice()))
+            .await
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let self_signed = Fake::start_tls(&cert, self_served("https")).await;
+        fake::client()
+            .fetch_manifest(&fake::insecure(&self_signed), "app", "v1", Some(&alice()))
+            .await
+            .unwrap();
+        assert!(self_signed.seen().iter().any(|s| s.path() == "/token"));
+    }
+
+    #[tokio::test]
+    async fn token_grant_is_not_replayed_to_another_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        // A host the client trusts: only the redirect rule can keep the grant from it.
+        let elsewhere =
+            Fake::start_tls(&cert, |_: &Seen| fake::reply(200, r#"{"token":"t"}"#)).await;
+        let location = format!("https://{}/token", elsewhere.host());
+        let challenge = challenging(|host| format!("http://{host}/token"));
+        let registry = Fake::start(move |seen: &Seen| {
+            if seen.path() == "/token" {
+                return fake::with_header(fake::reply(307, ""), "location", &location);
+            }
+            challenge(seen)
+        })
+        .await;
+        let cred = Credential::IdentityToken {
+            username: "<token>".into(),
+            token: "rt-secret".into(),
+        };
+        let err = fake::client_trusting(tmp.path(), &cert, &[&elsewhere])
+            .fetch_manifest(&fake::insecure(&registry), "app", "v1", Some(&cred))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::BadResponse { .. }), "{err}");
+        let text = format!("{err} {err:?}");
+        assert!(text.contains(&elsewhere.host()), "{text}");
+        assert!(!text.contains("rt-secret"), "{text}");
+        assert!(
+            elsewhere.seen().is_empty(),
+            "the grant reached another host"
+        );
+        let posts = registry
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == Method::POST)
+            .count();
+        assert_eq!(posts, 1);
+    }
+
+    #[tokio::test]
+    async fn realm_that_is_not_a_url_is_a_bad_response() {
+        let registry = Fake::start(challenging(|_| "not a url".into())).await;
+        let err = fake::client()
+            .fetch_manifest(&fake::insecure(&registry), "app", "v1", None)
+            .await
+            .unwrap_err();
+        match err {
+            RegistryError::BadResponse { host, detail } => {
+                assert_eq!(host, registry.host());
+                assert!(detail.contains("is not a URL"), "{detail}");
+            }
+            other => panic!("want BadResponse, got {other}"),
         }
     }
 }

@@ -177,12 +177,37 @@ pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
     with_header(reply(status, body), "content-type", "application/json")
 }
 
-/// A client with short timeouts, so a broken test fails fast rather than hanging.
-pub fn client() -> RegistryClient {
-    RegistryClient::new(ClientSettings {
+/// Short timeouts, so a broken test fails fast rather than hanging.
+pub fn settings() -> ClientSettings {
+    ClientSettings {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
         ..ClientSettings::default()
+    }
+}
+
+/// A client with `settings()`.
+pub fn client() -> RegistryClient {
+    RegistryClient::new(settings()).unwrap()
+}
+
+/// An extra-CA directory under `dir` trusting `cert` for each of `fakes`
+/// (`127.0.0.1..PORT`), for `ClientSettings::ca_dir`.
+pub fn trust(dir: &Path, cert: &TestCert, fakes: &[&Fake]) -> PathBuf {
+    let ca_dir = dir.join("ca.d");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    for fake in fakes {
+        let name = format!("{}..{}", fake.addr.ip(), fake.addr.port());
+        std::fs::copy(&cert.cert, ca_dir.join(name)).unwrap();
+    }
+    ca_dir
+}
+
+/// A client with `settings()` that trusts `cert` for each of `fakes`.
+pub fn client_trusting(dir: &Path, cert: &TestCert, fakes: &[&Fake]) -> RegistryClient {
+    RegistryClient::new(ClientSettings {
+        ca_dir: Some(trust(dir, cert, fakes)),
+        ..settings()
     })
     .unwrap()
 }

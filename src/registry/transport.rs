@@ -1,6 +1,7 @@
 //! HTTP(S) to registries: one hyper client per host (system roots plus that host's
-//! extra CAs), redirects followed by hand so `Authorization` never leaves its origin,
-//! and plain HTTP only for endpoints configured insecure.
+//! extra CAs), redirects followed by hand so `Authorization` and request bodies never
+//! leave their origin, and plain HTTP or unverified TLS only for the very host an
+//! endpoint configured insecure names.
 
 use super::error::{cause_chain, RegistryError};
 use super::{ClientSettings, Endpoint};
@@ -135,23 +136,22 @@ impl Transport {
         let mut body = req.body.clone();
         let mut authorization = req.authorization.clone();
         for hop in 0..=MAX_REDIRECTS {
-            if url.scheme() != "https" && !endpoint.insecure {
+            // Insecurity is granted to the configured host only: a redirect target or
+            // token realm elsewhere has not been vouched for and gets full checks.
+            let insecure = is_insecure_for(endpoint, &url);
+            if url.scheme() != "https" && !insecure {
                 return Err(RegistryError::InsecureUrl {
                     host: endpoint.host.clone(),
                     url: redacted(&url),
                 });
             }
             let sent = self
-                .send_once(&url, endpoint.insecure, &method, req, &body, &authorization)
+                .send_once(&url, insecure, &method, req, &body, &authorization)
                 .await;
             let response = match sent {
                 Ok(r) => r,
                 Err(HopError::Http(e))
-                    if hop == 0
-                        && e.is_connect()
-                        && endpoint.insecure
-                        && url.scheme() == "https"
-                        && authority(&url) == endpoint.host =>
+                    if hop == 0 && e.is_connect() && insecure && url.scheme() == "https" =>
                 {
                     let https_detail = cause_chain(&e);
                     tracing::debug!(host = %endpoint.host, error = %https_detail,
@@ -190,7 +190,19 @@ impl Transport {
                     url: redacted(&next),
                 });
             }
-            if authorization.is_some() && !same_origin(&url, &next) {
+            let leaves_origin = !same_origin(&url, &next);
+            // Token grants carry passwords and refresh tokens in the body, and 307/308
+            // would replay it to wherever the redirect points.
+            if leaves_origin && (!body.is_empty() || !is_safe_method(&method)) {
+                return Err(RegistryError::BadResponse {
+                    host: endpoint.host.clone(),
+                    detail: format!(
+                        "refusing to forward a {method} request body with credentials to {}",
+                        authority(&next)
+                    ),
+                });
+            }
+            if authorization.is_some() && leaves_origin {
                 tracing::debug!(from = %authority(&url), to = %authority(&next),
                     "redirect leaves the origin; dropping Authorization");
                 authorization = None;
@@ -199,8 +211,7 @@ impl Transport {
             if matches!(
                 status,
                 StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND | StatusCode::SEE_OTHER
-            ) && method != Method::GET
-                && method != Method::HEAD
+            ) && !is_safe_method(&method)
             {
                 method = Method::GET;
                 body = Bytes::new();
@@ -367,6 +378,26 @@ pub(crate) fn authority(url: &Url) -> String {
         Some(p) => format!("{host}:{p}"),
         None => host.to_string(),
     }
+}
+
+/// Whether `url` is on the host `endpoint` names and that endpoint is configured
+/// insecure: only then are plain HTTP and unverified certificates acceptable.
+pub(crate) fn is_insecure_for(endpoint: &Endpoint, url: &Url) -> bool {
+    if !endpoint.insecure {
+        return false;
+    }
+    if authority(url) == endpoint.host {
+        return true;
+    }
+    // `Url` drops a default port that the configuration may spell out (`r.io:443`).
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => format!("{host}:{port}") == endpoint.host,
+        _ => false,
+    }
+}
+
+fn is_safe_method(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -588,8 +619,11 @@ mod tests {
 
     #[tokio::test]
     async fn blob_redirect_to_another_host_drops_authorization() {
-        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
-        let location = format!("http://{}/bucket/layer?sig=abc", storage.host());
+        // The storage host is not the insecure endpoint: it must pass TLS checks.
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let storage = Fake::start_tls(&cert, |_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("https://{}/bucket/layer?sig=abc", storage.host());
         let registry = Fake::start(move |seen: &Seen| {
             if seen.authorization() != Some("Bearer given") {
                 return fake::reply(401, "");
@@ -599,7 +633,16 @@ mod tests {
         })
         .await;
         let cred = Credential::RegistryToken("given".into());
-        let stream = fake::fetch_layer(&registry, 0, Some(&cred)).await.unwrap();
+        let stream = fake::client_trusting(tmp.path(), &cert, &[&storage])
+            .fetch_blob(
+                &fake::insecure(&registry),
+                "app",
+                &fake::layer(),
+                0,
+                Some(&cred),
+            )
+            .await
+            .unwrap();
         assert_eq!(fake::collect(stream).await.unwrap(), fake::LAYER);
         assert_eq!(registry.seen()[0].authorization(), Some("Bearer given"));
         let at_storage = storage.seen();
@@ -779,5 +822,68 @@ mod tests {
             "{err}"
         );
         assert!(storage.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn redirect_from_insecure_registry_gets_no_insecure_trust_on_another_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let storage = Fake::start_tls(&cert, |_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("https://{}/layer", storage.host());
+        // The registry is insecure and self-signed: accepted for the registry only.
+        let registry = Fake::start_tls(&cert, move |_: &Seen| {
+            fake::with_header(fake::reply(307, ""), "location", &location)
+        })
+        .await;
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        assert_eq!(registry.seen().len(), 1);
+        assert!(storage.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn plain_http_redirect_to_another_host_is_refused_for_insecure_registry() {
+        let storage = Fake::start(|_: &Seen| fake::reply(200, fake::LAYER)).await;
+        let location = format!("http://{}/layer", storage.host());
+        let registry = Fake::start(move |_: &Seen| {
+            fake::with_header(fake::reply(307, ""), "location", &location)
+        })
+        .await;
+        let err = fake::fetch_layer(&registry, 0, None).await.err().unwrap();
+        assert!(matches!(err, RegistryError::InsecureUrl { .. }), "{err}");
+        assert!(storage.seen().is_empty());
+    }
+
+    #[test]
+    fn insecurity_belongs_to_the_configured_host_only() {
+        let endpoint = Endpoint {
+            host: "r.example:5000".into(),
+            insecure: true,
+        };
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert!(is_insecure_for(
+            &endpoint,
+            &url("http://r.example:5000/v2/")
+        ));
+        assert!(is_insecure_for(&endpoint, &url("https://r.example:5000/t")));
+        assert!(!is_insecure_for(&endpoint, &url("https://r.example/t")));
+        assert!(!is_insecure_for(
+            &endpoint,
+            &url("http://auth.example:5000/t")
+        ));
+        let default_port = Endpoint {
+            host: "r.example:443".into(),
+            insecure: true,
+        };
+        assert!(is_insecure_for(
+            &default_port,
+            &url("https://r.example/v2/")
+        ));
+        let secure = Endpoint {
+            insecure: false,
+            ..endpoint
+        };
+        assert!(!is_insecure_for(&secure, &url("http://r.example:5000/v2/")));
     }
 }
