@@ -410,6 +410,18 @@ impl Inner {
             ));
         }
 
+        let target_digest = index
+            .as_ref()
+            .map_or(&manifest_desc.digest, |(top, _)| &top.descriptor.digest);
+        if self.already_pulled(at, target_digest, &manifest).await? {
+            let target = index.map_or(manifest_desc, |(top, _)| top.descriptor);
+            tracing::debug!(image = %at.image, "already pulled; nothing to write");
+            return Ok((
+                manifest.config.digest.clone(),
+                Descriptor::new(target.media_type, target.digest, target.size),
+            ));
+        }
+
         let lease = self
             .store_call(at, self.store.create_lease(self.settings.lease_expiry))
             .await?;
@@ -586,12 +598,7 @@ impl Inner {
             target.digest.clone(),
             target.size,
         );
-        let mut names = Vec::new();
-        if let Some(tagged) = at.image.tagged_name() {
-            names.push(tagged);
-        }
-        names.push(at.image.digest_name(&target.digest));
-        names.push(manifest.config.digest.to_string());
+        let names = record_names(at.image, &target.digest, &manifest.config.digest);
         let mut labels = Labels::new();
         labels.insert(LABEL_CRI_MANAGED.to_string(), "managed".to_string());
         for name in names {
@@ -699,6 +706,56 @@ impl Inner {
         }
     }
 
+    /// Whether the image is already whole here: every record we would write names
+    /// this target as ours, the config is stored and its top snapshot is unpacked.
+    /// A warm pull then writes nothing (and takes no lease).
+    async fn already_pulled(
+        &self,
+        at: &Attempting<'_>,
+        target: &Digest,
+        manifest: &Manifest,
+    ) -> Result<bool, PullError> {
+        for name in record_names(at.image, target, &manifest.config.digest) {
+            let record = self.store_call(at, self.store.get_image(&name)).await?;
+            let ours = record.is_some_and(|r| {
+                &r.target.digest == target
+                    && r.labels
+                        .get(LABEL_CRI_MANAGED)
+                        .is_some_and(|v| v == "managed")
+            });
+            if !ours {
+                return Ok(false);
+            }
+        }
+        let config = match self
+            .store
+            .read_content(&manifest.config.digest, MAX_DOCUMENT_BYTES)
+            .await
+        {
+            Ok(body) => body,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(source) => {
+                return Err(PullError::Store {
+                    image: at.image.to_string(),
+                    source,
+                })
+            }
+        };
+        let Ok(config) = serde_json::from_slice::<ImageConfig>(&config) else {
+            return Ok(false);
+        };
+        match config.chain_ids().last() {
+            Some(top) => {
+                self.store_call(
+                    at,
+                    self.store.snapshot_exists(&self.settings.snapshotter, top),
+                )
+                .await
+            }
+            None => Ok(false),
+        }
+    }
+
     fn parse_document<T: serde::de::DeserializeOwned>(
         &self,
         at: &Attempting<'_>,
@@ -726,6 +783,18 @@ impl Inner {
             source,
         })
     }
+}
+
+/// The image records containerd's CRI writes for a pull: `name:tag` (when pulled
+/// by tag), `name@<target digest>` and the image ID.
+fn record_names(image: &Reference, target: &Digest, config: &Digest) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(tagged) = image.tagged_name() {
+        names.push(tagged);
+    }
+    names.push(image.digest_name(target));
+    names.push(config.to_string());
+    names
 }
 
 /// The stable ingest name of a blob (`layer-sha256:…`, as containerd names its own),

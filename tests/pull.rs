@@ -473,7 +473,10 @@ async fn repeated_and_concurrent_pulls_of_one_image_give_one_image() {
     // Big enough that a pull lasts well beyond the moment both requests arrive.
     // More layers than downloads run at once (4): unpacking must still go in order.
     let big = images::random_image(24 << 20, 6, "big").push(&open, "again/big");
-    let daemon = DaemonConfig::new(&containerd).registry(&open).start();
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&open)
+        .env("RUST_LOG", "cri_imaged=debug")
+        .start();
 
     let first = pull_ok(&daemon, &small.reference, None).await;
     let records = containerd.image_records();
@@ -488,6 +491,12 @@ async fn repeated_and_concurrent_pulls_of_one_image_give_one_image() {
     );
     let again: BTreeSet<String> = containerd.content().into_iter().map(|c| c.digest).collect();
     assert_eq!(again, content, "no new content");
+    // The warm pull saw the image whole and wrote nothing: no lease, no blob.
+    assert!(
+        daemon.log().contains("already pulled; nothing to write"),
+        "{}",
+        daemon.log()
+    );
     assert_eq!(records.len(), 3, "{records:#?}");
 
     let log_before = open.log().len();
