@@ -21,12 +21,17 @@ pub struct Config {
 pub struct ServerConfig {
     /// Unix socket the CRI ImageService listens on.
     pub listen: PathBuf,
+    /// Rewrite each request's `:authority` that is not an RFC 3986 authority (the
+    /// socket path grpc-go, grpc-core and grpc-java clients send) so hyper serves it.
+    /// `false` only to measure what the rewrite costs: such clients then fail.
+    pub rewrite_authority: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: PathBuf::from("/run/cri-imaged/cri-imaged.sock"),
+            rewrite_authority: true,
         }
     }
 }

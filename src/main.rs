@@ -149,7 +149,12 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
         snapshotter = %config.containerd.snapshotter,
         "serving runtime.v1.ImageService"
     );
-    let result = cri_imaged::server::run(listener, service, shutdown_signal()).await;
+    let edge = if config.server.rewrite_authority {
+        cri_imaged::server::Edge::RewriteAuthority
+    } else {
+        cri_imaged::server::Edge::Direct
+    };
+    let result = cri_imaged::server::run(listener, service, edge, shutdown_signal()).await;
     let _ = std::fs::remove_file(&config.server.listen);
     match result {
         Ok(()) => {

@@ -70,6 +70,7 @@ pub struct DaemonConfig {
     snapshotter: String,
     platform: Option<String>,
     direct_content: Option<bool>,
+    rewrite_authority: Option<bool>,
     registries: Vec<RegistryEntry>,
     registries_conf_extra: String,
     /// (file name `host..port`, PEM).
@@ -96,6 +97,7 @@ impl DaemonConfig {
             snapshotter: containerd.snapshotter().to_owned(),
             platform: None,
             direct_content: None,
+            rewrite_authority: None,
             registries: Vec::new(),
             registries_conf_extra: String::new(),
             cas: Vec::new(),
@@ -148,6 +150,12 @@ impl DaemonConfig {
     /// `[containerd] direct_content` (the daemon's default when not set).
     pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
         self.direct_content = Some(enabled);
+        self
+    }
+
+    /// `[server] rewrite_authority` (default: the daemon's, on).
+    pub fn rewrite_authority(mut self, enabled: bool) -> DaemonConfig {
+        self.rewrite_authority = Some(enabled);
         self
     }
 
@@ -342,8 +350,11 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
+            self.rewrite_authority
+                .map(|r| format!("rewrite_authority = {r}\n"))
+                .unwrap_or_default(),
             self.containerd_address,
             self.snapshotter,
             self.direct_content

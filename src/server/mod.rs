@@ -1,5 +1,12 @@
 //! The daemon: wires config into the modules, binds the unix socket and serves the
 //! CRI ImageService and gRPC health until shutdown.
+//!
+//! - [`h2_edge`]: each accepted connection's client → server bytes, re-framed so
+//!   that hyper accepts the `:authority` every gRPC client sends on a unix socket.
+//! - [`header_block`]: the HPACK rewrite of one header block.
+
+pub mod h2_edge;
+pub mod header_block;
 
 use crate::auth::files::FileSettings;
 use crate::auth::provider::{ProviderError, Providers};
@@ -12,16 +19,28 @@ use crate::proto::image_service_server::ImageServiceServer;
 use crate::puller::{PullSettings, Puller};
 use crate::registry::{ClientSettings, RegistryClient, RegistryError};
 use crate::store::{ContainerdStore, ImageStore, StoreError};
+use h2_edge::H2Edge;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::transport::server::Connected;
 
 /// kubelet's gRPC client accepts messages up to 16 MiB; so do we.
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// SETTINGS_MAX_HEADER_LIST_SIZE we advertise (hyper's default, written out because
+/// [`H2_EDGE_MAX_HEADER_LIST`] must stay above it).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+
+/// What one header block may decode to inside [`H2Edge`] before it stops copying:
+/// four times hyper's limit, so that hyper, not the edge, refuses large lists.
+const H2_EDGE_MAX_HEADER_LIST: usize = 4 * MAX_HEADER_LIST as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -140,12 +159,41 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// How accepted connections reach the gRPC server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    /// Through [`H2Edge`], which makes every client's `:authority` acceptable.
+    RewriteAuthority,
+    /// Straight to hyper (only to measure what the rewrite costs).
+    Direct,
+}
+
 /// Serves the ImageService and `grpc.health.v1.Health` on `listener` until `shutdown`.
 pub async fn run(
     listener: UnixListener,
     service: ImageServiceImpl,
+    edge: Edge,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let incoming = UnixListenerStream::new(listener);
+    match edge {
+        Edge::RewriteAuthority => {
+            let incoming =
+                incoming.map(|conn| conn.map(|c| H2Edge::new(c, H2_EDGE_MAX_HEADER_LIST)));
+            serve(incoming, service, shutdown).await
+        }
+        Edge::Direct => serve(incoming, service, shutdown).await,
+    }
+}
+
+async fn serve<IO>(
+    incoming: impl Stream<Item = std::io::Result<IO>>,
+    service: ImageServiceImpl,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+{
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ImageServiceServer<ImageServiceImpl>>()
@@ -154,9 +202,13 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        // H2Edge writes frames up to the protocol's default size and bounds header
+        // lists above this limit; both numbers are pinned here so they cannot drift.
+        .max_frame_size(h2_edge::MAX_FRAME_SIZE as u32)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
         .add_service(health_service)
         .add_service(images)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
