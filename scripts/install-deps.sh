@@ -16,6 +16,10 @@ packages=(
   openssl ca-certificates     # test CAs and certificates
   busybox-static              # the one binary in the test images
   gcc libc6-dev pkg-config    # linker and C compiler for ring
+  golang                      # Go 1.19: builds the grpc-go client in tests/clients/go
+  golang-google-grpc-dev      # grpc-go 1.33 sources (GOPATH mode): kubelet/crictl 1.26's gRPC
+  golang-google-protobuf-dev  # google.golang.org/protobuf 1.28 (dynamicpb, protojson) for it
+  python3-venv                # venv (pip from its bundled wheel) for the grpcio client
 )
 
 installed() {

@@ -358,6 +358,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2Edge<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if !this.output.is_empty() {
                 let n = this.output.len().min(buf.remaining());

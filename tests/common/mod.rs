@@ -14,11 +14,14 @@
 //! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
 //! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
+//! - [`clients`]: stock gRPC clients (grpc-go as kubelet dials, Python grpcio) built
+//!   under target/ and run over a CRI socket; a recorder of the headers they send.
 //!
 //! Every instance owns its temp dir and ports, so tests run in parallel. Anything that
 //! cannot start fails the test with an install hint; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod containerd;
 pub mod cri;
 pub mod fake_registry;
