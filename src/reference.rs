@@ -14,6 +14,9 @@ pub const DOCKER_HUB_REGISTRY: &str = "registry-1.docker.io";
 const DEFAULT_TAG: &str = "latest";
 const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
+/// How much of a rejected input an error quotes: a caller's 1 MiB "reference" must
+/// not come back whole in the gRPC status (clients drop oversized metadata).
+const QUOTED_INPUT: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReferenceError {
@@ -29,6 +32,19 @@ pub enum ReferenceError {
         #[source]
         source: DigestError,
     },
+}
+
+/// `input` for an error message: whole when short, else its first 256 bytes (at a
+/// character boundary) and its length.
+fn quoted(input: &str) -> String {
+    if input.len() <= QUOTED_INPUT {
+        return input.to_string();
+    }
+    let mut end = QUOTED_INPUT;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes in all)", &input[..end], input.len())
 }
 
 /// A normalised, fully qualified image reference.
@@ -50,7 +66,7 @@ impl Reference {
             return Err(ReferenceError::Empty);
         }
         let invalid = |why| ReferenceError::Invalid {
-            input: input.to_string(),
+            input: quoted(input),
             why,
         };
         let (rest, digest) = match input.split_once('@') {
@@ -58,7 +74,7 @@ impl Reference {
                 let digest = d
                     .parse::<Digest>()
                     .map_err(|source| ReferenceError::Digest {
-                        input: input.to_string(),
+                        input: quoted(input),
                         source,
                     })?;
                 (rest, Some(digest))
@@ -99,7 +115,7 @@ impl Reference {
         };
         if path.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(ReferenceError::Uppercase {
-                input: input.to_string(),
+                input: quoted(input),
             });
         }
         if !path.split('/').all(valid_path_component) {
@@ -231,7 +247,7 @@ impl ImageQuery {
                 .parse()
                 .map(ImageQuery::Id)
                 .map_err(|source| ReferenceError::Digest {
-                    input: input.to_string(),
+                    input: quoted(input),
                     source,
                 });
         }
@@ -353,6 +369,16 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn errors_quote_a_bounded_prefix_of_huge_input() {
+        let huge = format!("é{}", "A".repeat(1 << 20));
+        let message = Reference::parse(&huge).unwrap_err().to_string();
+        assert!(message.len() < 512, "{} bytes", message.len());
+        assert!(message.contains("(1048578 bytes in all)"), "{message}");
+        let short = Reference::parse("Busybox").unwrap_err().to_string();
+        assert!(short.contains("\"Busybox\""), "{short}");
+    }
 
     #[test]
     fn normalises_like_kubelet() {

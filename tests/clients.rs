@@ -321,3 +321,27 @@ fn recorded_authority_is_the_bare_path_for_grpc_go_and_set_by_option_for_grpcio(
         "{requests:?}"
     );
 }
+
+/// A 1 MiB image name is InvalidArgument for stock clients too: the status message
+/// quotes a bounded prefix (grpc-core drops a status whose metadata passes 16 KiB and
+/// reports RESOURCE_EXHAUSTED instead of the error).
+#[test]
+fn a_one_mib_image_name_reads_as_invalid_argument_in_every_client() {
+    let containerd = Containerd::start();
+    let daemon = DaemonConfig::new(&containerd).start();
+    let huge = format!("example.com/{}", "a".repeat(1 << 20));
+    let sequence = Sequence::of(&huge, None, &["PullImage", "ImageStatus"]);
+    for client in [Client::Go, Client::Python(PythonAuthority::Default)] {
+        let run = client.run(daemon.socket(), &sequence);
+        for rpc in ["PullImage", "ImageStatus"] {
+            match run.answer(rpc, 0) {
+                Err(e) => {
+                    assert_eq!(e.code, Code::InvalidArgument, "{client:?} {rpc}: {e:?}");
+                    assert!(e.message.len() < 1024, "{client:?} {rpc}: {}", e.message);
+                    assert!(e.message.contains("bytes in all"), "{}", e.message);
+                }
+                Ok(answer) => panic!("{client:?} {rpc}: {answer:?}"),
+            }
+        }
+    }
+}

@@ -32,9 +32,14 @@ impl From<Arc<PullError>> for Error {
     }
 }
 
+/// The longest `grpc-message` we send. grpc-core clients (Python, C++) drop a status
+/// whose metadata passes their hard limit (16 KiB) and report RESOURCE_EXHAUSTED
+/// instead; kubelet shows the message in events, where a few KiB is plenty.
+const MAX_STATUS_MESSAGE: usize = 4096;
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        let message = e.to_string();
+        let message = bounded(e.to_string());
         let code = match &e {
             Error::Reference(_) | Error::MissingField(_) => Code::InvalidArgument,
             Error::Pull(p) => pull_code(p),
@@ -46,6 +51,22 @@ impl From<Error> for Status {
         }
         Status::new(code, message)
     }
+}
+
+/// `message`, cut at [`MAX_STATUS_MESSAGE`] bytes (at a character boundary) with a
+/// note saying so.
+fn bounded(mut message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let total = message.len();
+    let mut end = MAX_STATUS_MESSAGE - 64;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… (message cut at {end} of {total} bytes)"));
+    message
 }
 
 fn pull_code(e: &PullError) -> Code {
@@ -211,6 +232,15 @@ pub fn filesystem_usage(usage: &FsUsage, timestamp_ns: i64) -> proto::Filesystem
 mod tests {
     use super::*;
     use crate::digest::Digest;
+
+    #[test]
+    fn status_messages_are_bounded() {
+        let long = Error::MissingField("x").to_string() + &"ü".repeat(10_000);
+        let cut = bounded(long.clone());
+        assert!(cut.len() <= MAX_STATUS_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with(&format!("of {} bytes)", long.len())), "{cut}");
+        assert_eq!(bounded("short".into()), "short");
+    }
 
     fn view(user: Option<&str>) -> ImageView {
         ImageView {
