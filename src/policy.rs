@@ -207,6 +207,21 @@ fn normalize_hub(s: &str) -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Fuzzing on the stable toolchain (more cases by hand: PROPTEST_CASES).
+        #[test]
+        fn any_registries_conf_loads_or_errors_without_panicking(
+            prefix in r"[a-z0-9.*:/-]{0,30}|\PC{0,20}",
+            location in r"[a-z0-9.:/-]{0,30}|\PC{0,20}",
+            insecure in proptest::bool::ANY,
+            text in r"\PC{0,200}",
+        ) {
+            let conf = format!("[[registry]]\nprefix = {prefix:?}\nlocation = {location:?}\ninsecure = {insecure}\n");
+            let _ = Policy::parse(&conf, Path::new("registries.conf"));
+            let _ = Policy::parse(&text, Path::new("registries.conf"));
+        }
+    }
+
     fn policy(text: &str) -> Policy {
         Policy::parse(text, Path::new("registries.conf")).unwrap()
     }

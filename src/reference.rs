@@ -370,6 +370,21 @@ mod tests {
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
+    proptest::proptest! {
+        // Fuzzing on the stable toolchain: a fixed number of cases in CI, more by
+        // hand with PROPTEST_CASES=100000 cargo test --lib reference.
+        #[test]
+        fn any_input_parses_or_errors_and_parsed_references_round_trip(
+            input in r"[a-zA-Z0-9._:/@-]{0,80}|sha256:[0-9a-f]{0,70}|\PC{0,40}"
+        ) {
+            if let Ok(reference) = Reference::parse(&input) {
+                let again = Reference::parse(&reference.to_string());
+                proptest::prop_assert_eq!(again.as_ref(), Ok(&reference));
+            }
+            let _ = ImageQuery::parse(&input);
+        }
+    }
+
     #[test]
     fn errors_quote_a_bounded_prefix_of_huge_input() {
         let huge = format!("é{}", "A".repeat(1 << 20));

@@ -127,6 +127,27 @@ mod tests {
     use super::*;
     use base64::Engine as _;
 
+    proptest::proptest! {
+        // Fuzzing on the stable toolchain (more cases by hand: PROPTEST_CASES).
+        #[test]
+        fn any_bytes_parse_or_error_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse(&bytes, Format::ConfigJson);
+            let _ = parse(&bytes, Format::Dockercfg);
+        }
+
+        #[test]
+        fn any_entry_values_parse_or_error_without_panicking(
+            key in r"\PC{0,30}",
+            auth in r"[A-Za-z0-9+/=:]{0,40}|\PC{0,20}",
+            user in r"\PC{0,10}",
+        ) {
+            let json = serde_json::json!({"auths": {key.clone(): {"auth": auth, "username": user}}});
+            let _ = parse(json.to_string().as_bytes(), Format::ConfigJson);
+            let legacy = serde_json::json!({key: {"auth": auth, "email": user}});
+            let _ = parse(legacy.to_string().as_bytes(), Format::Dockercfg);
+        }
+    }
+
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
     }

@@ -687,6 +687,16 @@ fn token_error(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Fuzzing on the stable toolchain (more cases by hand: PROPTEST_CASES).
+        #[test]
+        fn any_www_authenticate_parses_without_panicking(
+            values in proptest::collection::vec(r#"(Bearer|Basic|bearer|x)? ?([a-z]{0,6}="?[ -~]{0,20}"?,? ?){0,4}|\PC{0,60}"#, 0..3)
+        ) {
+            let _ = parse_challenges(values.iter().map(String::as_str));
+        }
+    }
+
     fn bearer(realm: &str, service: Option<&str>, scope: Option<&str>) -> Challenge {
         Challenge::Bearer {
             realm: realm.into(),
