@@ -16,6 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::containerd::Containerd;
+use common::cpu_seconds;
 use common::cri::{self, proto, Daemon, DaemonConfig};
 use common::images::{self, PushedImage};
 use common::registry::Registry;
@@ -46,10 +47,12 @@ impl Side {
     }
 }
 
-/// One measurement kind: seconds per round for each side.
+/// One measurement kind: per round for each side, the wall seconds and the CPU
+/// seconds the serving daemon spent (less noisy than wall time on 2 shared cores).
 struct Series {
     label: &'static str,
     times: [Vec<f64>; 2],
+    cpu: [Vec<f64>; 2],
 }
 
 fn main() {
@@ -109,40 +112,58 @@ fn main() {
         };
         for (k, side) in order.into_iter().enumerate() {
             let client = &clients[side as usize];
+            let pid = daemons[side as usize].pid();
             let image = &images[2 * round + k];
+            let cpu = cpu_seconds(pid);
             let started = Instant::now();
             runtime.block_on(pull(client, image));
-            series[0].push(side, started.elapsed());
-            series[1].push(side, runtime.block_on(burst(client, None)));
-            series[2].push(
-                side,
-                runtime.block_on(burst(client, Some(&image.reference))),
-            );
+            series[0].push(side, started.elapsed(), cpu_seconds(pid) - cpu);
+            let cpu = cpu_seconds(pid);
+            let elapsed = runtime.block_on(burst(client, None));
+            series[1].push(side, elapsed, cpu_seconds(pid) - cpu);
+            let cpu = cpu_seconds(pid);
+            let elapsed = runtime.block_on(burst(client, Some(&image.reference)));
+            series[2].push(side, elapsed, cpu_seconds(pid) - cpu);
         }
     }
 
     println!();
     println!(
-        "{:<20} {:>10} {:>10} {:>7}",
-        "what", "edge s", "direct s", "ratio"
+        "{:<20} {:>10} {:>10} {:>7}   {:>10} {:>10} {:>7}",
+        "what", "edge s", "direct s", "ratio", "edge CPU", "direct CPU", "ratio"
     );
     for s in &series {
-        let edge = median(&s.times[Side::Edge as usize]);
-        let direct = median(&s.times[Side::Direct as usize]);
+        let [edge, direct] = [Side::Edge, Side::Direct].map(|side| median(&s.times[side as usize]));
+        let [edge_cpu, direct_cpu] =
+            [Side::Edge, Side::Direct].map(|side| median(&s.cpu[side as usize]));
         println!(
-            "{:<20} {:>10.4} {:>10.4} {:>7.3}",
+            "{:<20} {:>10.4} {:>10.4} {:>7.3}   {:>10.3} {:>10.3} {:>7.3}",
             s.label,
             edge,
             direct,
-            edge / direct
+            round_ratio(&s.times),
+            edge_cpu,
+            direct_cpu,
+            round_ratio(&s.cpu)
         );
     }
-    println!("ratio = median with the edge / median without (1.00: no cost)");
+    println!(
+        "ratio = median over rounds of edge / direct in that round (1.00: no cost; rounds \
+         differ, since the store grows); CPU = the serving daemon's CPU seconds"
+    );
     println!();
     println!("per round (seconds):");
     for s in &series {
         for round in 0..rounds {
-            let cell = |side: Side| format!("{} {:.4}", side.name(), s.times[side as usize][round]);
+            let cell = |side: Side| {
+                let i = side as usize;
+                format!(
+                    "{} {:.4} s, CPU {:.2} s",
+                    side.name(),
+                    s.times[i][round],
+                    s.cpu[i][round]
+                )
+            };
             println!(
                 "  {:<20} round {}: {} | {}",
                 s.label,
@@ -159,11 +180,13 @@ impl Series {
         Series {
             label,
             times: [Vec::new(), Vec::new()],
+            cpu: [Vec::new(), Vec::new()],
         }
     }
 
-    fn push(&mut self, side: Side, elapsed: Duration) {
+    fn push(&mut self, side: Side, elapsed: Duration, cpu: f64) {
         self.times[side as usize].push(elapsed.as_secs_f64());
+        self.cpu[side as usize].push(cpu);
     }
 }
 
@@ -211,6 +234,16 @@ async fn burst(client: &ImageServiceClient<Channel>, image: Option<&str>) -> Dur
         join_all(calls).await;
     }
     started.elapsed()
+}
+
+/// The median over rounds of edge / direct within the round.
+fn round_ratio(values: &[Vec<f64>; 2]) -> f64 {
+    let ratios: Vec<f64> = values[Side::Edge as usize]
+        .iter()
+        .zip(&values[Side::Direct as usize])
+        .map(|(edge, direct)| edge / direct)
+        .collect();
+    median(&ratios)
 }
 
 fn median(secs: &[f64]) -> f64 {

@@ -34,6 +34,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::containerd::{Containerd, ContainerdOptions};
+use common::cpu_seconds;
 use common::cri::{self, proto, DaemonConfig};
 use common::images::{self, PushedImage};
 use common::registry::Registry;
@@ -565,23 +566,4 @@ impl std::fmt::Display for Cpu {
             self.containerd, self.cri_imaged, self.registry
         )
     }
-}
-
-/// User + system CPU seconds of process `pid`, all threads (`/proc/PID/stat` fields
-/// 14 and 15, in clock ticks of 1/100 s on Linux).
-fn cpu_seconds(pid: u32) -> f64 {
-    const TICKS_PER_SECOND: f64 = 100.0;
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    // The command name (field 2) may hold spaces; the fields after it do not.
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| -> f64 {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{path}: no CPU time in field {}", i + 3)) as f64
-    };
-    // Field 3 (state) is index 0 here: utime is field 14, stime field 15.
-    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
 }

@@ -15,3 +15,5 @@ scripts/install-deps.sh
 
 # The bench profile is the release profile; the first build takes a few minutes.
 cargo bench --bench pull
+# What the HTTP/2 edge costs (cri-imaged with and without it).
+cargo bench --bench edge
