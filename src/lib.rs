@@ -7,7 +7,8 @@
 //!
 //! - [`cri`]: the tonic adapter. Converts proto messages to domain types, calls
 //!   [`puller`] and [`catalog`], and maps every error to a `tonic::Status` in one place.
-//! - [`server`]: binds the unix socket and runs the gRPC server until shutdown.
+//! - [`server`]: binds the unix socket and runs the gRPC server until shutdown, each
+//!   connection through an HTTP/2 edge that makes every client's `:authority` acceptable.
 //! - [`puller`]: walks pull sources × credentials for one image, deduplicates
 //!   concurrent pulls of the same reference, and drives registry → store.
 //! - [`catalog`]: the image view over the store: groups image records by image ID
