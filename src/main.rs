@@ -196,18 +196,40 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let sources = match policy.sources(&reference) {
+        Ok(sources) => sources,
+        Err(blocked) => {
+            let out = serde_json::json!({
+                "image": reference.to_string(),
+                "blocked": blocked.to_string(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            return ExitCode::SUCCESS;
+        }
+    };
     let mut candidates = Vec::new();
-    for source in policy.sources(&reference) {
+    let mut per_source = Vec::new();
+    for source in &sources {
+        let mut here = Vec::new();
         for c in keyring.configured(&source.reference).await {
-            candidates.push(serde_json::json!({
+            here.push(serde_json::json!({
                 "key": c.key,
                 "source": c.source,
                 "kind": c.kind(),
             }));
         }
+        candidates.extend(here.iter().cloned());
+        per_source.push(serde_json::json!({
+            "kind": source.kind.to_string(),
+            "registry": source.endpoint.host,
+            "reference": source.reference.to_string(),
+            "insecure": source.endpoint.insecure,
+            "candidates": here,
+        }));
     }
     let out = serde_json::json!({
         "image": reference.to_string(),
+        "sources": per_source,
         "candidates": candidates,
         "matching": keyring.matching().to_string(),
     });

@@ -1,8 +1,11 @@
-//! Registry policy from containers-registries.conf(5) v2: which host serves a
-//! reference and whether it may be reached insecurely.
+//! Registry policy from containers-registries.conf(5) v2: which sources serve a
+//! reference, in order (mirrors, then the origin unless it is blocked), and whether
+//! each may be reached insecurely.
 //!
-//! Read today: `[[registry]]` `prefix`, `location` and `insecure`. The rest of the
-//! format (mirrors, blocked, short names) is accepted and not yet acted on.
+//! Read: `[[registry]]` `prefix`, `location`, `insecure`, `blocked`,
+//! `mirror-by-digest-only` and `[[registry.mirror]]` `location`, `insecure`,
+//! `pull-from-mirror`. Short names (`unqualified-search-registries`, aliases) are
+//! accepted and not yet acted on.
 
 use crate::reference::{Reference, DOCKER_HUB, DOCKER_HUB_REGISTRY};
 use crate::registry::Endpoint;
@@ -31,6 +34,44 @@ pub enum PolicyError {
     },
 }
 
+/// A reference that no source may serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub image: String,
+    pub path: PathBuf,
+    pub prefix: String,
+    /// Mirrors configured but not used for this kind of reference.
+    pub mirrors_skipped: usize,
+    pub by_digest: bool,
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is blocked: registries.conf {} blocks prefix {:?}",
+            self.image,
+            self.path.display(),
+            self.prefix
+        )?;
+        if self.mirrors_skipped > 0 {
+            let kind = if self.by_digest {
+                "pull by digest"
+            } else {
+                "pull by tag"
+            };
+            write!(
+                f,
+                " and none of its {} mirrors serves a {kind}",
+                self.mirrors_skipped
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Blocked {}
+
 #[derive(Debug, Deserialize, Default)]
 struct File {
     #[serde(default)]
@@ -38,6 +79,7 @@ struct File {
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
+#[serde(rename_all = "kebab-case")]
 struct RegistryEntry {
     #[serde(default)]
     prefix: Option<String>,
@@ -45,6 +87,23 @@ struct RegistryEntry {
     location: Option<String>,
     #[serde(default)]
     insecure: bool,
+    #[serde(default)]
+    blocked: bool,
+    #[serde(default)]
+    mirror_by_digest_only: bool,
+    #[serde(default)]
+    mirror: Vec<MirrorEntry>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(rename_all = "kebab-case")]
+struct MirrorEntry {
+    #[serde(default)]
+    location: String,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    pull_from_mirror: Option<String>,
 }
 
 /// One `[[registry]]` entry, validated.
@@ -55,6 +114,51 @@ struct Rule {
     /// Where matching references are pulled from (the prefix is replaced by it).
     location: String,
     insecure: bool,
+    /// The origin is never contacted (OpenShift's NeverContactSource); mirrors are.
+    blocked: bool,
+    mirrors: Vec<Mirror>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mirror {
+    /// Replaces the rule's prefix, as `location` does.
+    location: String,
+    insecure: bool,
+    serves: MirrorUse,
+}
+
+/// Which references a mirror serves (`pull-from-mirror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MirrorUse {
+    All,
+    DigestOnly,
+    TagOnly,
+}
+
+impl MirrorUse {
+    fn serves(self, by_digest: bool) -> bool {
+        match self {
+            MirrorUse::All => true,
+            MirrorUse::DigestOnly => by_digest,
+            MirrorUse::TagOnly => !by_digest,
+        }
+    }
+}
+
+/// Whether a source is a mirror or the reference's own registry (or its `location`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Mirror,
+    Origin,
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceKind::Mirror => "mirror",
+            SourceKind::Origin => "origin",
+        })
+    }
 }
 
 /// Where to pull one reference from.
@@ -63,11 +167,14 @@ pub struct Source {
     /// The reference at that location (domain and path rewritten by `location`).
     pub reference: Reference,
     pub endpoint: Endpoint,
+    pub kind: SourceKind,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// The file the rules came from, for messages.
+    path: PathBuf,
 }
 
 impl Policy {
@@ -96,7 +203,12 @@ impl Policy {
                 why: why.to_string(),
             };
             let location = entry.location.clone().unwrap_or_default();
-            let prefix = entry.prefix.clone().unwrap_or_else(|| location.clone());
+            // `prefix = ""` is how OpenShift renders "same as location" (seed 004).
+            let prefix = entry
+                .prefix
+                .clone()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| location.clone());
             if prefix.is_empty() {
                 return Err(invalid("needs a prefix or a location"));
             }
@@ -108,7 +220,47 @@ impl Policy {
                     "location is not a registry host[:port] optionally followed by /path",
                 ));
             }
-            rules.push(Rule {
+            if prefix.starts_with("*.") && !entry.mirror.is_empty() {
+                return Err(invalid("mirrors under a wildcard prefix are not supported"));
+            }
+            let mut mirrors = Vec::new();
+            for (m, mirror) in entry.mirror.iter().enumerate() {
+                let invalid_mirror = |why: String| invalid(&format!("mirror {m}: {why}"));
+                let location = normalize_hub(&mirror.location);
+                if !is_registry_location(&location) {
+                    return Err(invalid_mirror(format!(
+                        "location {:?} is not a registry host[:port] optionally followed by /path",
+                        mirror.location
+                    )));
+                }
+                let serves = match mirror.pull_from_mirror.as_deref() {
+                    None | Some("all") | Some("") => MirrorUse::All,
+                    Some("digest-only") => MirrorUse::DigestOnly,
+                    Some("tag-only") => MirrorUse::TagOnly,
+                    Some(other) => {
+                        return Err(invalid_mirror(format!(
+                            "pull-from-mirror {other:?} is not \"all\", \"digest-only\" or \"tag-only\""
+                        )))
+                    }
+                };
+                // As containers/image: the entry-wide switch and a per-mirror choice
+                // other than "all" contradict each other.
+                if entry.mirror_by_digest_only && serves != MirrorUse::All {
+                    return Err(invalid_mirror(
+                        "pull-from-mirror cannot be combined with mirror-by-digest-only".into(),
+                    ));
+                }
+                mirrors.push(Mirror {
+                    location,
+                    insecure: mirror.insecure,
+                    serves: if entry.mirror_by_digest_only {
+                        MirrorUse::DigestOnly
+                    } else {
+                        serves
+                    },
+                });
+            }
+            let rule = Rule {
                 prefix: normalize_hub(&prefix),
                 location: normalize_hub(if location.is_empty() {
                     &prefix
@@ -116,9 +268,34 @@ impl Policy {
                     &location
                 }),
                 insecure: entry.insecure,
-            });
+                blocked: entry.blocked,
+                mirrors,
+            };
+            // OpenShift renders one prefix in several entries (seed 004 §9.2.3: digest-only
+            // mirrors in one, `blocked` and a tag-only mirror in another). They are one
+            // rule: mirrors in file order, blocked or insecure if any entry says so.
+            match rules
+                .iter_mut()
+                .find(|r: &&mut Rule| r.prefix == rule.prefix)
+            {
+                Some(earlier) if earlier.location != rule.location => {
+                    return Err(invalid(&format!(
+                        "prefix {:?} appears again with another location ({:?}, {:?})",
+                        rule.prefix, earlier.location, rule.location
+                    )));
+                }
+                Some(earlier) => {
+                    earlier.insecure |= rule.insecure;
+                    earlier.blocked |= rule.blocked;
+                    earlier.mirrors.extend(rule.mirrors);
+                }
+                None => rules.push(rule),
+            }
         }
-        Ok(Policy { rules })
+        Ok(Policy {
+            rules,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The rule whose prefix matches `name` (`domain/path`) most specifically.
@@ -135,36 +312,84 @@ impl Policy {
             })
     }
 
-    /// The sources to try for `reference`, in order.
-    pub fn sources(&self, reference: &Reference) -> Vec<Source> {
+    /// The sources to try for `reference`, in order: the rule's mirrors that serve
+    /// this kind of reference (by digest or by tag), then the origin unless blocked.
+    pub fn sources(&self, reference: &Reference) -> Result<Vec<Source>, Blocked> {
         let name = reference.name();
-        let (reference, insecure) = match self.rule_for(&name) {
-            Some(rule) if !rule.prefix.starts_with("*.") && rule.location != rule.prefix => {
-                let rewritten = format!("{}{}", rule.location, &name[rule.prefix.len()..]);
-                match Reference::parse(&format!("{rewritten}:latest")) {
-                    Ok(r) => (reference.with_location(r.domain(), r.path()), rule.insecure),
-                    // A valid location can still make a name too long: pull from the
-                    // original, and never with the rule's insecure flag, which was
-                    // meant for the location.
-                    Err(e) => {
-                        tracing::warn!(image = %reference, location = %rule.location, error = %e, "cannot rewrite the image to its registries.conf location; pulling from the original");
-                        (reference.clone(), false)
-                    }
-                }
-            }
-            Some(rule) => (reference.clone(), rule.insecure),
-            None => (reference.clone(), false),
+        let Some(rule) = self.rule_for(&name) else {
+            return Ok(vec![self.source_at(
+                reference.clone(),
+                false,
+                SourceKind::Origin,
+            )]);
         };
-        // The host may itself be insecure under another rule (`location` of one entry is
-        // the `prefix` of another only by convention), so ask again for the final host.
+        let by_digest = reference.digest().is_some();
+        let mut sources: Vec<Source> = rule
+            .mirrors
+            .iter()
+            .filter(|m| m.serves.serves(by_digest))
+            .filter_map(|m| {
+                let at = self.relocated(reference, &name, &rule.prefix, &m.location)?;
+                Some(self.source_at(at, m.insecure, SourceKind::Mirror))
+            })
+            .collect();
+        if !rule.blocked {
+            let origin = if rule.prefix.starts_with("*.") || rule.location == rule.prefix {
+                Some(reference.clone())
+            } else {
+                self.relocated(reference, &name, &rule.prefix, &rule.location)
+            };
+            match origin {
+                Some(at) => sources.push(self.source_at(at, rule.insecure, SourceKind::Origin)),
+                // A valid location can still make a name too long: pull from the
+                // original, and never with the rule's insecure flag, which was meant
+                // for the location.
+                None => sources.push(self.source_at(reference.clone(), false, SourceKind::Origin)),
+            }
+        }
+        if sources.is_empty() {
+            return Err(Blocked {
+                image: reference.to_string(),
+                path: self.path.clone(),
+                prefix: rule.prefix.clone(),
+                mirrors_skipped: rule.mirrors.len(),
+                by_digest,
+            });
+        }
+        Ok(sources)
+    }
+
+    /// `reference` with `prefix` (which its `name` starts with) replaced by `location`.
+    fn relocated(
+        &self,
+        reference: &Reference,
+        name: &str,
+        prefix: &str,
+        location: &str,
+    ) -> Option<Reference> {
+        let rewritten = format!("{location}{}", &name[prefix.len()..]);
+        match Reference::parse(&format!("{rewritten}:latest")) {
+            Ok(r) => Some(reference.with_location(r.domain(), r.path())),
+            Err(e) => {
+                tracing::warn!(image = %reference, %location, error = %e, "cannot rewrite the image to a registries.conf location");
+                None
+            }
+        }
+    }
+
+    /// A source for `reference`. The host may itself be insecure under another rule
+    /// (`location` of one entry is the `prefix` of another only by convention), so
+    /// the final host is asked too.
+    fn source_at(&self, reference: Reference, insecure: bool, kind: SourceKind) -> Source {
         let insecure = insecure || self.host_insecure(reference.domain());
-        vec![Source {
+        Source {
             endpoint: Endpoint {
                 host: reference.registry_host().to_string(),
                 insecure,
             },
             reference,
-        }]
+            kind,
+        }
     }
 
     /// Whether `host` (`host[:port]`) is configured insecure.
@@ -227,7 +452,174 @@ mod tests {
     }
 
     fn source(p: &Policy, image: &str) -> Source {
-        p.sources(&Reference::parse(image).unwrap()).remove(0)
+        p.sources(&Reference::parse(image).unwrap())
+            .unwrap()
+            .remove(0)
+    }
+
+    const D: &str = "sha256:5cf0e4f0d3c5e1b8a5d9e6f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5";
+
+    /// (kind, reference) of every source, in order.
+    fn plan(p: &Policy, image: &str) -> Result<Vec<(SourceKind, String)>, Blocked> {
+        Ok(p.sources(&Reference::parse(image).unwrap())?
+            .into_iter()
+            .map(|s| (s.kind, s.reference.to_string()))
+            .collect())
+    }
+
+    fn mirror(r: &str) -> (SourceKind, String) {
+        (SourceKind::Mirror, r.to_string())
+    }
+
+    fn origin(r: &str) -> (SourceKind, String) {
+        (SourceKind::Origin, r.to_string())
+    }
+
+    #[test]
+    fn seed_004_mirror_sets_by_digest_and_by_tag() {
+        let p = Policy::parse(
+            include_str!("../tests/fixtures/registries/seed004-9.2.3-mirrors.conf"),
+            Path::new("registries.conf"),
+        )
+        .unwrap();
+        let ubi = "registry.access.redhat.com/ubi9/ubi-minimal";
+        // By digest: the two digest-only mirrors; the source is never contacted.
+        assert_eq!(
+            plan(&p, &format!("{ubi}@{D}")).unwrap(),
+            [
+                mirror(&format!("example.io/example/ubi-minimal@{D}")),
+                mirror(&format!("example.com/example/ubi-minimal@{D}")),
+            ]
+        );
+        // By tag: only the tag-only mirror.
+        assert_eq!(
+            plan(&p, &format!("{ubi}:latest")).unwrap(),
+            [mirror("example.io/example/ubi-minimal-tag:latest")]
+        );
+        // Longest prefix wins, the rest of the path is kept, and a digest-only mirror
+        // is skipped for a tag.
+        assert_eq!(
+            plan(&p, &format!("registry.example.com/example/myimage@{D}")).unwrap(),
+            [
+                mirror(&format!("mirror.example.net/image@{D}")),
+                origin(&format!("registry.example.com/example/myimage@{D}")),
+            ]
+        );
+        assert_eq!(
+            plan(&p, &format!("registry.example.com/example/other@{D}")).unwrap(),
+            [
+                mirror(&format!("mirror.example.net/other@{D}")),
+                origin(&format!("registry.example.com/example/other@{D}")),
+            ]
+        );
+        assert_eq!(
+            plan(&p, &format!("registry.example.com/team/app@{D}")).unwrap(),
+            [
+                mirror(&format!(
+                    "mirror.example.net/registry-example-com/team/app@{D}"
+                )),
+                mirror(&format!("mirror.example.com/team/app@{D}")),
+                origin(&format!("registry.example.com/team/app@{D}")),
+            ]
+        );
+        assert_eq!(
+            plan(&p, "registry.example.com/team/app:1").unwrap(),
+            [origin("registry.example.com/team/app:1")]
+        );
+    }
+
+    #[test]
+    fn seed_004_blocked_registries() {
+        let p = Policy::parse(
+            include_str!("../tests/fixtures/registries/seed004-9.2.2-blocked.conf"),
+            Path::new("/etc/containers/registries.conf"),
+        )
+        .unwrap();
+        let e = plan(&p, "untrusted.com/app:1").unwrap_err().to_string();
+        assert!(e.contains("untrusted.com/app:1 is blocked"), "{e}");
+        assert!(e.contains("/etc/containers/registries.conf"), "{e}");
+        let payload = "quay.io/openshift-payload/release";
+        assert_eq!(
+            plan(&p, &format!("{payload}@{D}")).unwrap(),
+            [mirror(&format!(
+                "internal-mirror.io/openshift-payload/release@{D}"
+            ))]
+        );
+        let e = plan(&p, &format!("{payload}:4.17"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("none of its 1 mirrors serves a pull by tag"),
+            "{e}"
+        );
+        assert_eq!(
+            plan(&p, "quay.io/other:1").unwrap(),
+            [origin("quay.io/other:1")]
+        );
+    }
+
+    #[test]
+    fn mirrors_come_first_in_order_each_with_its_own_insecure_flag() {
+        let p = policy(
+            r#"
+[[registry]]
+prefix = "docker.io/library"
+location = "127.0.0.1:6000/hub"
+
+[[registry.mirror]]
+location = "127.0.0.1:5001/cache"
+insecure = true
+
+[[registry.mirror]]
+location = "mirror.example"
+"#,
+        );
+        let sources = p.sources(&Reference::parse("busybox:1").unwrap()).unwrap();
+        let got: Vec<(String, bool, SourceKind)> = sources
+            .iter()
+            .map(|s| (s.reference.to_string(), s.endpoint.insecure, s.kind))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "127.0.0.1:5001/cache/busybox:1".into(),
+                    true,
+                    SourceKind::Mirror
+                ),
+                ("mirror.example/busybox:1".into(), false, SourceKind::Mirror),
+                (
+                    "127.0.0.1:6000/hub/busybox:1".into(),
+                    false,
+                    SourceKind::Origin
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_mirror_settings_name_the_entry_and_mirror() {
+        for (text, wants) in [
+            (
+                "[[registry]]\nlocation = \"a.io\"\n[[registry.mirror]]\nlocation = \"m.io\"\npull-from-mirror = \"sometimes\"\n",
+                "mirror 0: pull-from-mirror \"sometimes\"",
+            ),
+            (
+                "[[registry]]\nlocation = \"a.io\"\nmirror-by-digest-only = true\n[[registry.mirror]]\nlocation = \"m.io\"\npull-from-mirror = \"tag-only\"\n",
+                "cannot be combined with mirror-by-digest-only",
+            ),
+            (
+                "[[registry]]\nlocation = \"a.io\"\n[[registry.mirror]]\nlocation = \"not a host\"\n",
+                "mirror 0: location",
+            ),
+            (
+                "[[registry]]\nprefix = \"a.io\"\nlocation = \"b.io\"\n[[registry]]\nprefix = \"a.io\"\nlocation = \"c.io\"\n",
+                "appears again with another location",
+            ),
+        ] {
+            let e = Policy::parse(text, Path::new("r.conf")).unwrap_err().to_string();
+            assert!(e.contains(wants), "{text}: {e}");
+        }
     }
 
     #[test]

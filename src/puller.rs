@@ -10,7 +10,7 @@ use crate::auth::{AuthError, Candidate, Keyring, RequestAuth};
 use crate::digest::Digest;
 use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
-use crate::policy::{Policy, Source};
+use crate::policy::{Blocked, Policy, Source, SourceKind};
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::store::{
@@ -115,9 +115,50 @@ pub enum PullError {
     },
     #[error("pulling {image}: download task failed: {detail}")]
     Task { image: String, detail: String },
+    #[error("{0}")]
+    Blocked(#[from] Blocked),
+    /// Every source failed: the earlier ones listed, the last one's error in full.
+    #[error("{last} (sources tried before: {})", list(failed))]
+    Sources {
+        failed: Vec<SourceFailure>,
+        last: Box<PullError>,
+    },
 }
 
-fn list(attempts: &[Attempt]) -> String {
+/// How one source (a mirror, or the origin) failed before the next was tried.
+#[derive(Debug, Clone)]
+pub struct SourceFailure {
+    pub kind: SourceKind,
+    pub registry: String,
+    pub error: String,
+}
+
+impl fmt::Display for SourceFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.registry, self.error)
+    }
+}
+
+impl PullError {
+    /// Whether this is the source's failure (unreachable, refusing, not having the
+    /// image, serving something broken), so that the next source may do better;
+    /// not so for local faults (containerd, a malformed request).
+    fn is_source_failure(&self) -> bool {
+        match self {
+            PullError::Registry { .. }
+            | PullError::Unauthorized { .. }
+            | PullError::NoMatchingPlatform { .. }
+            | PullError::InvalidImage { .. } => true,
+            PullError::Auth(_)
+            | PullError::Store { .. }
+            | PullError::Task { .. }
+            | PullError::Blocked(_)
+            | PullError::Sources { .. } => false,
+        }
+    }
+}
+
+fn list(attempts: &[impl ToString]) -> String {
     attempts
         .iter()
         .map(ToString::to_string)
@@ -260,63 +301,100 @@ impl Inner {
         auth: Option<&RequestAuth>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
-        let mut attempts = Vec::new();
-        let mut last_registry = reference.registry_host().to_string();
-        for source in self.policy.sources(reference) {
-            last_registry = source.endpoint.host.clone();
-            // Credentials are looked up for the host contacted; the request's (kubelet's
-            // match for the image) go only to the image's own registry, never to a
-            // mirror.
-            let request = auth.filter(|_| source.reference.domain() == reference.domain());
-            let candidates = self.keyring.candidates(&source.reference, request).await?;
-            // Anonymous comes last and is reached only when every credential was
-            // refused: any other failure ends the pull at once.
-            for candidate in &candidates {
-                let attempt = Attempting {
-                    image: reference,
-                    source: &source,
-                    credential: candidate.credential.as_ref(),
-                };
-                match self.pull_from(&attempt).await {
-                    Ok(target) => {
-                        tracing::info!(
-                            registry = %source.endpoint.host,
-                            key = %candidate.key,
-                            credential_source = %candidate.source,
-                            kind = candidate.kind(),
-                            refused_before = attempts.len(),
-                            image_id = %target.0,
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "pulled"
-                        );
-                        self.keyring.remember(&source.reference, candidate);
-                        return Ok(Pulled {
-                            image_id: target.0,
-                            target: target.1,
-                            credential_key: candidate.key.clone(),
-                            credential_source: candidate.source.clone(),
-                        });
-                    }
-                    Err(PullError::Registry { source: e, .. }) if e.is_auth_failure() => {
-                        let status = auth_status(&e);
-                        tracing::info!(
-                            registry = %source.endpoint.host,
-                            key = %candidate.key,
-                            credential_source = %candidate.source,
-                            kind = candidate.kind(),
-                            status,
-                            "credential refused; trying the next one"
-                        );
-                        attempts.push(attempt_of(candidate, status));
-                    }
-                    Err(e) => return Err(e),
+        let sources = self.policy.sources(reference)?;
+        let mut failed: Vec<SourceFailure> = Vec::new();
+        let count = sources.len();
+        for (i, source) in sources.iter().enumerate() {
+            match self.pull_source(reference, auth, source, started).await {
+                Ok(pulled) => return Ok(pulled),
+                // A source that cannot serve the image hands over to the next one; the
+                // last source's error is the pull's, with every earlier one listed.
+                Err(e) if i + 1 < count && e.is_source_failure() => {
+                    tracing::info!(
+                        source = %source.kind,
+                        registry = %source.endpoint.host,
+                        error = %e,
+                        "source failed; trying the next one"
+                    );
+                    failed.push(SourceFailure {
+                        kind: source.kind,
+                        registry: source.endpoint.host.clone(),
+                        error: e.to_string(),
+                    });
                 }
+                Err(e) if failed.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(PullError::Sources {
+                        failed,
+                        last: Box::new(e),
+                    })
+                }
+            }
+        }
+        unreachable!("Policy::sources returns at least one source or an error")
+    }
+
+    /// Every credential candidate at one source, in order, until one works.
+    async fn pull_source(
+        &self,
+        reference: &Reference,
+        auth: Option<&RequestAuth>,
+        source: &Source,
+        started: Instant,
+    ) -> Result<Pulled, PullError> {
+        let mut attempts = Vec::new();
+        // Credentials are looked up for the host contacted; the request's (kubelet's
+        // match for the image) go only to the image's own registry, never to a mirror.
+        let request = auth.filter(|_| source.reference.domain() == reference.domain());
+        let candidates = self.keyring.candidates(&source.reference, request).await?;
+        // Anonymous comes last and is reached only when every credential was
+        // refused: any other failure ends the attempt at this source at once.
+        for candidate in &candidates {
+            let attempt = Attempting {
+                image: reference,
+                source,
+                credential: candidate.credential.as_ref(),
+            };
+            match self.pull_from(&attempt).await {
+                Ok(target) => {
+                    tracing::info!(
+                        source = %source.kind,
+                        registry = %source.endpoint.host,
+                        key = %candidate.key,
+                        credential_source = %candidate.source,
+                        kind = candidate.kind(),
+                        refused_before = attempts.len(),
+                        image_id = %target.0,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "pulled"
+                    );
+                    self.keyring.remember(&source.reference, candidate);
+                    return Ok(Pulled {
+                        image_id: target.0,
+                        target: target.1,
+                        credential_key: candidate.key.clone(),
+                        credential_source: candidate.source.clone(),
+                    });
+                }
+                Err(PullError::Registry { source: e, .. }) if e.is_auth_failure() => {
+                    let status = auth_status(&e);
+                    tracing::info!(
+                        registry = %source.endpoint.host,
+                        key = %candidate.key,
+                        credential_source = %candidate.source,
+                        kind = candidate.kind(),
+                        status,
+                        "credential refused; trying the next one"
+                    );
+                    attempts.push(attempt_of(candidate, status));
+                }
+                Err(e) => return Err(e),
             }
         }
         let forbidden = !attempts.is_empty() && attempts.iter().all(|a| a.status == 403);
         Err(PullError::Unauthorized {
             image: reference.to_string(),
-            registry: last_registry,
+            registry: source.endpoint.host.clone(),
             attempts,
             forbidden,
         })

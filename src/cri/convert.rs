@@ -85,6 +85,8 @@ fn pull_code(e: &PullError) -> Code {
         PullError::InvalidImage { .. } => Code::FailedPrecondition,
         PullError::Store { source, .. } => store_code(source),
         PullError::Task { .. } => Code::Internal,
+        PullError::Blocked(_) => Code::PermissionDenied,
+        PullError::Sources { last, .. } => pull_code(last),
     }
 }
 
@@ -136,7 +138,14 @@ fn store_code(e: &StoreError) -> Code {
 }
 
 fn is_registry_failure(e: &Error) -> bool {
-    matches!(e, Error::Pull(p) if matches!(**p, PullError::Registry { .. }))
+    fn registry(p: &PullError) -> bool {
+        match p {
+            PullError::Registry { .. } => true,
+            PullError::Sources { last, .. } => registry(last),
+            _ => false,
+        }
+    }
+    matches!(e, Error::Pull(p) if registry(p))
 }
 
 impl fmt::Debug for proto::AuthConfig {
