@@ -13,7 +13,9 @@
 //!   concurrent pulls of the same reference, and drives registry → store.
 //! - [`catalog`]: the image view over the store: groups image records by image ID
 //!   and reads the manifest and config behind them.
-//! - [`policy`]: which hosts to contact for a reference and how (TLS, insecure).
+//! - [`policy`]: which hosts to contact for a reference and how (registries.conf:
+//!   mirrors, blocked registries, TLS, insecure).
+//! - [`trust_policy`]: whether an image may be pulled at all (policy.json).
 //! - [`auth`]: which credentials to try, in order.
 //! - [`registry`]: the distribution API client (challenge, token, manifest, blobs).
 //! - [`store`]: the `ImageStore` trait and its containerd implementation.
@@ -36,6 +38,7 @@ pub mod reference;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod trust_policy;
 
 /// Generated CRI v1 types and service stubs (`proto/runtime/v1/api.proto`).
 pub mod proto {

@@ -70,8 +70,10 @@ enum Command {
         #[command(flatten)]
         endpoint: EndpointArg,
     },
-    /// Print, as JSON, the credentials a pull of IMAGE would try, in order (keys
-    /// and where they come from, never secrets), from the daemon's --config.
+    /// Print, as JSON, what a pull of IMAGE would do, from the daemon's --config:
+    /// the policy.json verdict and its scope, the sources in order (mirrors, then the
+    /// origin unless blocked) and the credentials each would try (keys and where they
+    /// come from, never secrets).
     Explain { image: String },
 }
 
@@ -196,11 +198,28 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let trust = match cri_imaged::trust_policy::TrustPolicy::load(&config.registry.policy_json) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (scope, _) = trust.scope_for(&reference);
+    let verdict = serde_json::json!({
+        "file": config.registry.policy_json,
+        "scope": scope,
+        "verdict": match trust.check(&reference) {
+            Ok(()) => "accepted".to_string(),
+            Err(refusal) => refusal.to_string(),
+        },
+    });
     let sources = match policy.sources(&reference) {
         Ok(sources) => sources,
         Err(blocked) => {
             let out = serde_json::json!({
                 "image": reference.to_string(),
+                "policy": verdict,
                 "blocked": blocked.to_string(),
             });
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
@@ -229,6 +248,7 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
     }
     let out = serde_json::json!({
         "image": reference.to_string(),
+        "policy": verdict,
         "sources": per_source,
         "candidates": candidates,
         "matching": keyring.matching().to_string(),

@@ -17,6 +17,7 @@ use crate::store::{
     ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED,
     LABEL_UNCOMPRESSED,
 };
+use crate::trust_policy::{Refusal, TrustPolicy};
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
@@ -117,6 +118,8 @@ pub enum PullError {
     Task { image: String, detail: String },
     #[error("{0}")]
     Blocked(#[from] Blocked),
+    #[error("{0}")]
+    Refused(#[from] Refusal),
     /// Every source failed: the earlier ones listed, the last one's error in full.
     #[error("{last} (sources tried before: {})", list(failed))]
     Sources {
@@ -153,6 +156,7 @@ impl PullError {
             | PullError::Store { .. }
             | PullError::Task { .. }
             | PullError::Blocked(_)
+            | PullError::Refused(_)
             | PullError::Sources { .. } => false,
         }
     }
@@ -178,6 +182,7 @@ struct Inner {
     store: Arc<dyn ImageStore>,
     registry: RegistryClient,
     policy: Policy,
+    trust: TrustPolicy,
     keyring: Keyring,
     settings: PullSettings,
     inflight: Mutex<HashMap<String, SharedPull>>,
@@ -188,6 +193,7 @@ impl Puller {
         store: Arc<dyn ImageStore>,
         registry: RegistryClient,
         policy: Policy,
+        trust: TrustPolicy,
         keyring: Keyring,
         settings: PullSettings,
     ) -> Self {
@@ -196,6 +202,7 @@ impl Puller {
                 store,
                 registry,
                 policy,
+                trust,
                 keyring,
                 settings,
                 inflight: Mutex::new(HashMap::new()),
@@ -301,6 +308,9 @@ impl Inner {
         auth: Option<&RequestAuth>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
+        // policy.json judges the name that was asked for, before any registry is
+        // contacted, as containers/image does.
+        self.trust.check(reference)?;
         let sources = self.policy.sources(reference)?;
         let mut failed: Vec<SourceFailure> = Vec::new();
         let count = sources.len();

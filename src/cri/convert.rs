@@ -45,9 +45,13 @@ impl From<Error> for Status {
             Error::Pull(p) => pull_code(p),
             Error::Catalog(CatalogError::Store(s)) => store_code(s),
         };
-        // kubelet turns a message starting with this word into the pod's reason.
+        // kubelet turns a message starting with these words into the pod's reason.
         if code == Code::Unavailable && is_registry_failure(&e) {
             return Status::new(code, format!("RegistryUnavailable: {message}"));
+        }
+        if matches!(&e, Error::Pull(p) if matches!(&**p, PullError::Refused(r) if r.is_signature()))
+        {
+            return Status::new(code, format!("SignatureValidationFailed: {message}"));
         }
         Status::new(code, message)
     }
@@ -85,7 +89,7 @@ fn pull_code(e: &PullError) -> Code {
         PullError::InvalidImage { .. } => Code::FailedPrecondition,
         PullError::Store { source, .. } => store_code(source),
         PullError::Task { .. } => Code::Internal,
-        PullError::Blocked(_) => Code::PermissionDenied,
+        PullError::Blocked(_) | PullError::Refused(_) => Code::PermissionDenied,
         PullError::Sources { last, .. } => pull_code(last),
     }
 }

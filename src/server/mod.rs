@@ -19,6 +19,7 @@ use crate::proto::image_service_server::ImageServiceServer;
 use crate::puller::{PullSettings, Puller};
 use crate::registry::{ClientSettings, RegistryClient, RegistryError};
 use crate::store::{ContainerdStore, ImageStore, StoreError};
+use crate::trust_policy::{TrustPolicy, TrustPolicyError};
 use h2_edge::H2Edge;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -63,6 +64,8 @@ pub enum ServerError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
+    TrustPolicy(#[from] TrustPolicyError),
+    #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -95,7 +98,8 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
-    let puller = Puller::new(store.clone(), registry, policy, keyring, settings);
+    let trust = TrustPolicy::load(&config.registry.policy_json)?;
+    let puller = Puller::new(store.clone(), registry, policy, trust, keyring, settings);
     let catalog = Arc::new(Catalog::new(store, platform));
     Ok(ImageServiceImpl::new(
         puller,

@@ -71,6 +71,8 @@ pub struct DaemonConfig {
     platform: Option<String>,
     direct_content: Option<bool>,
     rewrite_authority: Option<bool>,
+    /// policy.json written next to the config; None: no file (every image accepted).
+    policy_json: Option<String>,
     registries: Vec<RegistryEntry>,
     registries_conf_extra: String,
     /// (file name `host..port`, PEM).
@@ -98,6 +100,7 @@ impl DaemonConfig {
             platform: None,
             direct_content: None,
             rewrite_authority: None,
+            policy_json: None,
             registries: Vec::new(),
             registries_conf_extra: String::new(),
             cas: Vec::new(),
@@ -150,6 +153,13 @@ impl DaemonConfig {
     /// `[containerd] direct_content` (the daemon's default when not set).
     pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
         self.direct_content = Some(enabled);
+        self
+    }
+
+    /// A policy.json for the daemon (`[registry] policy_json`). Without one the
+    /// daemon is pointed at a file that does not exist, never at the host's.
+    pub fn policy_json(mut self, json: &str) -> DaemonConfig {
+        self.policy_json = Some(json.to_owned());
         self
     }
 
@@ -272,6 +282,10 @@ impl DaemonConfig {
         let registries_conf = base.join("registries.conf");
         std::fs::write(&registries_conf, self.registries_conf_text())
             .ctx(|| format!("writing {}", registries_conf.display()))?;
+        if let Some(json) = &self.policy_json {
+            let path = base.join("policy.json");
+            std::fs::write(&path, json).ctx(|| format!("writing {}", path.display()))?;
+        }
         let config = base.join("cri-imaged.toml");
         std::fs::write(
             &config,
@@ -350,7 +364,7 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.rewrite_authority
                 .map(|r| format!("rewrite_authority = {r}\n"))
@@ -361,6 +375,7 @@ impl DaemonConfig {
                 .map(|d| format!("direct_content = {d}\n"))
                 .unwrap_or_default(),
             registries_conf.display(),
+            registries_conf.with_file_name("policy.json").display(),
             ca_dir.display(),
             kubelet_root.display(),
         );

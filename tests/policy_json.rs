@@ -1,0 +1,149 @@
+//! policy.json (containers-policy.json(5)) against a real registry and containerd:
+//! scopes by host and by repository, the default, and signature requirements that
+//! refuse (fail closed) until signatures are verified. A refused pull contacts no
+//! registry and leaves nothing in containerd.
+
+mod common;
+
+use common::cri::DaemonConfig;
+use common::images;
+use common::leftovers::assert_nothing_left;
+use common::registry::Registry;
+use common::scenario::{pull_err, pull_ok, start};
+use tonic::Code;
+
+/// The log lines of requests the registry served to anyone but skopeo (the pusher).
+fn pulled_from(registry: &Registry) -> usize {
+    registry
+        .log()
+        .lines()
+        .filter(|l| l.contains("/v2/") && l.contains("GET") && !l.contains("skopeo/"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_scope_accepts_inside_a_rejected_host_and_rejections_name_scope_and_file() {
+    let (containerd, registry) = start(Registry::open);
+    let allowed = images::busybox()
+        .tag("1")
+        .build()
+        .push(&registry, "team/allowed");
+    let other = images::busybox()
+        .tag("1")
+        .build()
+        .push(&registry, "team/other");
+    let host = registry.host();
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .policy_json(&format!(
+            r#"{{"default": [{{"type": "insecureAcceptAnything"}}],
+                "transports": {{"docker": {{
+                    "{host}": [{{"type": "reject"}}],
+                    "{host}/team/allowed": [{{"type": "insecureAcceptAnything"}}]
+                }}}}}}"#
+        ))
+        .start();
+    let status = pull_err(&daemon, &other.reference, None).await;
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    let message = status.message();
+    assert!(
+        message.contains(&format!("rejected by scope \"{host}\""))
+            && message.contains("policy.json"),
+        "{message}"
+    );
+    assert_eq!(
+        pulled_from(&registry),
+        0,
+        "a rejected image contacts no registry"
+    );
+    assert_nothing_left(&containerd, &[], "a pull policy.json rejects");
+    assert_eq!(
+        pull_ok(&daemon, &allowed.reference, None).await,
+        allowed.config_digest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signature_requirements_fail_closed_with_kubelets_reason() {
+    let (containerd, registry) = start(Registry::open);
+    let image = images::busybox()
+        .tag("1")
+        .build()
+        .push(&registry, "signed/app");
+    let host = registry.host();
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .policy_json(&format!(
+            r#"{{"default": [{{"type": "reject"}}],
+                "transports": {{"docker": {{
+                    "{host}/signed": [{{"type": "signedBy", "keyType": "GPGKeys", "keyPath": "/etc/pki/key.gpg"}}]
+                }}}}}}"#
+        ))
+        .start();
+    let status = pull_err(&daemon, &image.reference, None).await;
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().starts_with("SignatureValidationFailed: ")
+            && status.message().contains("signedBy")
+            && status.message().contains(&format!("\"{host}/signed\"")),
+        "{}",
+        status.message()
+    );
+    assert_nothing_left(&containerd, &[], "a pull policy.json refuses unsigned");
+    // The default rejects what no scope names.
+    let status = pull_err(&daemon, "docker.io/library/busybox:1", None).await;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("rejected by the default"),
+        "{}",
+        status.message()
+    );
+}
+
+#[test]
+fn explain_shows_the_verdict_and_its_scope() {
+    let (containerd, registry) = start(Registry::open);
+    let host = registry.host();
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .policy_json(&format!(
+            r#"{{"default": [{{"type": "insecureAcceptAnything"}}],
+                "transports": {{"docker": {{"{host}/blocked": [{{"type": "reject"}}]}}}}}}"#
+        ))
+        .start();
+    let explain = |image: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+            .args(["--config"])
+            .arg(daemon.config_path())
+            .args(["explain", image])
+            .output()
+            .expect("running cri-imaged explain");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("explain prints JSON")
+    };
+    let refused = explain(&format!("{host}/blocked/app:1"));
+    assert_eq!(refused["policy"]["scope"], format!("{host}/blocked"));
+    assert!(refused["policy"]["verdict"]
+        .as_str()
+        .unwrap()
+        .contains("rejected"));
+    let accepted = explain(&format!("{host}/fine/app:1"));
+    assert_eq!(accepted["policy"]["scope"], "default");
+    assert_eq!(accepted["policy"]["verdict"], "accepted");
+    assert_eq!(accepted["sources"][0]["kind"], "origin");
+    assert_eq!(accepted["sources"][0]["registry"], host);
+}
