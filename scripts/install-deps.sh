@@ -11,6 +11,7 @@ packages=(
   containerd runc             # the store and runtime cri-imaged serves
   docker-registry             # distribution 2.8: the registry in tests and the demo
   skopeo umoci                # push test images; build the demo image
+  golang-github-containers-common  # real-world registries.conf.d/shortnames.conf, policy.json
   protobuf-compiler           # protoc for containerd-client's build.rs
   apache2-utils               # htpasswd -B for the basic-auth registry
   openssl ca-certificates     # test CAs and certificates

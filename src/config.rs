@@ -66,6 +66,8 @@ impl Default for ContainerdConfig {
 pub struct RegistryConfig {
     /// containers-registries.conf(5) file; a missing file means no policy.
     pub registries_conf: PathBuf,
+    /// containers-registries.conf.d(5) drop-ins (`*.conf`, name order); may be missing.
+    pub registries_conf_d: PathBuf,
     /// containers-policy.json(5) file; a missing file accepts every image.
     pub policy_json: PathBuf,
     /// Extra CAs: files named `<host>` or `<host>..<port>`, or `<host:port>/ca.crt`.
@@ -76,6 +78,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             registries_conf: PathBuf::from("/etc/containers/registries.conf"),
+            registries_conf_d: PathBuf::from("/etc/containers/registries.conf.d"),
             policy_json: PathBuf::from("/etc/containers/policy.json"),
             ca_dir: PathBuf::from("/etc/containers/certs.d"),
         }

@@ -186,7 +186,10 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
     };
     let (keyring, policy) = match (
         cri_imaged::server::keyring(&config),
-        cri_imaged::policy::Policy::load(&config.registry.registries_conf),
+        cri_imaged::policy::Policy::load(
+            &config.registry.registries_conf,
+            Some(&config.registry.registries_conf_d),
+        ),
     ) {
         (Ok(k), Ok(p)) => (k, p),
         (Err(e), _) => {

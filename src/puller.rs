@@ -10,7 +10,8 @@ use crate::auth::{AuthError, Candidate, Keyring, RequestAuth};
 use crate::digest::Digest;
 use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
-use crate::policy::{Blocked, Policy, Source, SourceKind};
+use crate::policy::short_names::Resolution;
+use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceKind};
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::store::{
@@ -120,6 +121,15 @@ pub enum PullError {
     Blocked(#[from] Blocked),
     #[error("{0}")]
     Refused(#[from] Refusal),
+    #[error("{0}")]
+    ShortName(#[from] ShortNameError),
+    /// Every candidate for a short name failed: the last one's error in full.
+    #[error("{last} (tried first for short name {name:?}: {})", list(failed))]
+    Candidates {
+        name: String,
+        failed: Vec<String>,
+        last: Arc<PullError>,
+    },
     /// Every source failed: the earlier ones listed, the last one's error in full.
     #[error("{last} (sources tried before: {})", list(failed))]
     Sources {
@@ -143,6 +153,16 @@ impl fmt::Display for SourceFailure {
 }
 
 impl PullError {
+    /// Whether the next candidate for a short name may do better: the image is not
+    /// at this candidate, or not allowed from it.
+    fn is_candidate_failure(&self) -> bool {
+        self.is_source_failure()
+            || matches!(
+                self,
+                PullError::Blocked(_) | PullError::Refused(_) | PullError::Sources { .. }
+            )
+    }
+
     /// Whether this is the source's failure (unreachable, refusing, not having the
     /// image, serving something broken), so that the next source may do better;
     /// not so for local faults (containerd, a malformed request).
@@ -157,6 +177,8 @@ impl PullError {
             | PullError::Task { .. }
             | PullError::Blocked(_)
             | PullError::Refused(_)
+            | PullError::ShortName(_)
+            | PullError::Candidates { .. }
             | PullError::Sources { .. } => false,
         }
     }
@@ -208,6 +230,54 @@ impl Puller {
                 inflight: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Pulls the image `name` as the user wrote it: a short name is tried at each of
+    /// its registries.conf candidates in order (alias, search registries, Docker Hub)
+    /// and recorded under the fully qualified name that served it.
+    pub async fn pull_name(
+        &self,
+        name: &str,
+        auth: Option<RequestAuth>,
+    ) -> Result<Pulled, Arc<PullError>> {
+        let candidates = self
+            .inner
+            .policy
+            .candidates(name)
+            .map_err(|e| Arc::new(PullError::from(e)))?;
+        if candidates.resolution != Resolution::Qualified {
+            tracing::debug!(
+                name,
+                resolution = %candidates.resolution,
+                candidates = ?candidates.references.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "resolved the image name"
+            );
+        }
+        let count = candidates.references.len();
+        let mut failed = Vec::new();
+        for (i, reference) in candidates.references.into_iter().enumerate() {
+            match self.pull(reference.clone(), auth.clone()).await {
+                Ok(pulled) => return Ok(pulled),
+                Err(e) if i + 1 < count && e.is_candidate_failure() => {
+                    tracing::info!(name, candidate = %reference, error = %e, "short-name candidate failed; trying the next one");
+                    failed.push(format!("{reference}: {e}"));
+                }
+                Err(e) if failed.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(Arc::new(PullError::Candidates {
+                        name: name.to_string(),
+                        failed,
+                        last: e,
+                    }))
+                }
+            }
+        }
+        unreachable!("Policy::candidates returns at least one reference or an error")
+    }
+
+    /// The fully qualified references `name` may be stored under, most likely first.
+    pub fn stored_candidates(&self, name: &str) -> Result<Candidates, ShortNameError> {
+        self.inner.policy.stored_candidates(name)
     }
 
     /// Pulls `reference`. A pull of the same reference with the same request

@@ -47,6 +47,69 @@ fn quoted(input: &str) -> String {
     format!("{}…({} bytes in all)", &input[..end], input.len())
 }
 
+/// An image name written without a registry host (`busybox`, `team/app:1`,
+/// `app@sha256:…`), kept as written: registries.conf may resolve it (aliases,
+/// unqualified-search registries) before it is normalised to Docker Hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortName {
+    /// The repository as written (`busybox`, `team/app`): what aliases are keyed by.
+    repository: String,
+    /// `:tag`, `@digest` or empty, appended to whatever the name resolves to.
+    suffix: String,
+}
+
+impl ShortName {
+    /// `input` as a short name, or None when it names a registry host (or is empty).
+    pub fn of(input: &str) -> Option<ShortName> {
+        let (rest, digest) = match input.split_once('@') {
+            Some((rest, digest)) => (rest, Some(digest)),
+            None => (input, None),
+        };
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+            None => (rest, None),
+        };
+        if repository.is_empty()
+            || split_domain(repository).0 != DOCKER_HUB
+            || repository.starts_with("docker.io/")
+        {
+            return None;
+        }
+        let suffix = match (digest, tag) {
+            (Some(d), _) => format!("@{d}"),
+            (None, Some(t)) => format!(":{t}"),
+            (None, None) => String::new(),
+        };
+        Some(ShortName {
+            repository: repository.to_string(),
+            suffix,
+        })
+    }
+
+    /// The repository as written, without tag or digest.
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The reference this name has at `registry` (`host[:port]`), normalised as any
+    /// reference is (`docker.io` + `busybox` → `docker.io/library/busybox`).
+    pub fn at(&self, registry: &str) -> Result<Reference, ReferenceError> {
+        Reference::parse(&format!("{registry}/{}{}", self.repository, self.suffix))
+    }
+
+    /// `repository` (fully qualified, from an alias) with this name's tag or digest.
+    pub fn aliased_to(&self, repository: &str) -> Result<Reference, ReferenceError> {
+        Reference::parse(&format!("{repository}{}", self.suffix))
+    }
+}
+
+impl fmt::Display for ShortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.repository, self.suffix)
+    }
+}
+
 /// A normalised, fully qualified image reference.
 ///
 /// Holds a tag or a digest, never both: as containerd's `ParseDockerRef` does, a
@@ -383,6 +446,45 @@ mod tests {
             }
             let _ = ImageQuery::parse(&input);
         }
+    }
+
+    #[test]
+    fn short_names_are_names_without_a_registry_host() {
+        for (input, short) in [
+            ("busybox", Some(("busybox", ""))),
+            ("busybox:1.36", Some(("busybox", ":1.36"))),
+            ("team/app:1", Some(("team/app", ":1"))),
+            (
+                &format!("app@{D}") as &str,
+                Some(("app", &format!("@{D}") as &str)),
+            ),
+            ("library/busybox", Some(("library/busybox", ""))),
+            ("docker.io/busybox", None),
+            ("quay.io/team/app", None),
+            ("localhost/app", None),
+            ("127.0.0.1:5000/app", None),
+            ("", None),
+        ] {
+            let got = ShortName::of(input);
+            assert_eq!(
+                got.as_ref().map(|s| (s.repository(), s.suffix.as_str())),
+                short,
+                "{input}"
+            );
+        }
+        let s = ShortName::of("busybox:1").unwrap();
+        assert_eq!(
+            s.at("docker.io").unwrap().to_string(),
+            "docker.io/library/busybox:1"
+        );
+        assert_eq!(s.at("quay.io").unwrap().to_string(), "quay.io/busybox:1");
+        assert_eq!(
+            s.aliased_to("registry.example.com/tools/bb")
+                .unwrap()
+                .to_string(),
+            "registry.example.com/tools/bb:1"
+        );
+        assert_eq!(s.to_string(), "busybox:1");
     }
 
     #[test]

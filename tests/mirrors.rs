@@ -253,3 +253,22 @@ async fn mirror_credentials_are_looked_up_for_the_mirror_host() {
     recorded_as_asked(&containerd, &daemon, &asked, &image).await;
     assert!(!daemon.log().contains(PASSWORD));
 }
+
+#[test]
+fn a_misspelt_key_is_warned_about_with_its_file_and_line() {
+    let containerd = common::scenario::containerd_without_cri();
+    let daemon = DaemonConfig::new(&containerd)
+        .registries_conf("[[registry]]\nprefix = \"example.com\"\nblock = true\n")
+        .start();
+    let log = daemon.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("unknown registries.conf key"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains("block")
+            && warning.contains("registries.conf")
+            && warning.contains("line=Some(3)"),
+        "{warning}"
+    );
+}

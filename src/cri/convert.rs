@@ -49,8 +49,7 @@ impl From<Error> for Status {
         if code == Code::Unavailable && is_registry_failure(&e) {
             return Status::new(code, format!("RegistryUnavailable: {message}"));
         }
-        if matches!(&e, Error::Pull(p) if matches!(&**p, PullError::Refused(r) if r.is_signature()))
-        {
+        if matches!(&e, Error::Pull(p) if refused_signature(p)) {
             return Status::new(code, format!("SignatureValidationFailed: {message}"));
         }
         Status::new(code, message)
@@ -91,6 +90,8 @@ fn pull_code(e: &PullError) -> Code {
         PullError::Task { .. } => Code::Internal,
         PullError::Blocked(_) | PullError::Refused(_) => Code::PermissionDenied,
         PullError::Sources { last, .. } => pull_code(last),
+        PullError::Candidates { last, .. } => pull_code(last),
+        PullError::ShortName(_) => Code::InvalidArgument,
     }
 }
 
@@ -141,11 +142,20 @@ fn store_code(e: &StoreError) -> Code {
     }
 }
 
+fn refused_signature(p: &PullError) -> bool {
+    match p {
+        PullError::Refused(r) => r.is_signature(),
+        PullError::Candidates { last, .. } => refused_signature(last),
+        _ => false,
+    }
+}
+
 fn is_registry_failure(e: &Error) -> bool {
     fn registry(p: &PullError) -> bool {
         match p {
             PullError::Registry { .. } => true,
             PullError::Sources { last, .. } => registry(last),
+            PullError::Candidates { last, .. } => registry(last),
             _ => false,
         }
     }

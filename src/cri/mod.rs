@@ -4,9 +4,10 @@
 pub mod convert;
 
 use crate::catalog::Catalog;
+use crate::catalog::ImageView;
 use crate::proto::{self, image_service_server::ImageService};
-use crate::puller::Puller;
-use crate::reference::{ImageQuery, Reference};
+use crate::puller::{PullError, Puller};
+use crate::reference::ImageQuery;
 use convert::Error;
 use futures_util::stream::{self, BoxStream};
 use futures_util::StreamExt;
@@ -49,6 +50,26 @@ impl ImageServiceImpl {
         };
         Ok(images.iter().map(convert::image).collect())
     }
+
+    /// The image `name` names: an ID, a fully qualified reference, or a short name
+    /// looked up under each of its registries.conf candidates in order (as CRI-O
+    /// does, so kubelet finds what a short-name pull stored).
+    async fn find(&self, name: &str) -> Result<Option<ImageView>, Error> {
+        let query = ImageQuery::parse(name)?;
+        if let ImageQuery::Id(_) = query {
+            return Ok(self.catalog.find(&query).await?);
+        }
+        let candidates = self
+            .puller
+            .stored_candidates(name)
+            .map_err(|e| Error::from(Arc::new(PullError::from(e))))?;
+        for reference in candidates.references {
+            if let Some(view) = self.catalog.find(&ImageQuery::Ref(reference)).await? {
+                return Ok(Some(view));
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[tonic::async_trait]
@@ -79,9 +100,8 @@ impl ImageService for ImageServiceImpl {
         request: Request<proto::ImageStatusRequest>,
     ) -> Result<Response<proto::ImageStatusResponse>, Status> {
         let request = request.into_inner();
-        let query =
-            ImageQuery::parse(convert::image_name(request.image.as_ref())?).map_err(Error::from)?;
-        let Some(view) = self.catalog.find(&query).await.map_err(Error::from)? else {
+        let name = convert::image_name(request.image.as_ref())?;
+        let Some(view) = self.find(name).await? else {
             return Ok(Response::new(proto::ImageStatusResponse::default()));
         };
         let info = if request.verbose {
@@ -100,12 +120,11 @@ impl ImageService for ImageServiceImpl {
         request: Request<proto::PullImageRequest>,
     ) -> Result<Response<proto::PullImageResponse>, Status> {
         let request = request.into_inner();
-        let reference =
-            Reference::parse(convert::image_name(request.image.as_ref())?).map_err(Error::from)?;
+        let name = convert::image_name(request.image.as_ref())?;
         let auth = convert::request_auth(request.auth);
         let pulled = self
             .puller
-            .pull(reference, auth)
+            .pull_name(name, auth)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(proto::PullImageResponse {
@@ -118,8 +137,11 @@ impl ImageService for ImageServiceImpl {
         request: Request<proto::RemoveImageRequest>,
     ) -> Result<Response<proto::RemoveImageResponse>, Status> {
         let request = request.into_inner();
-        let query =
-            ImageQuery::parse(convert::image_name(request.image.as_ref())?).map_err(Error::from)?;
+        let name = convert::image_name(request.image.as_ref())?;
+        let Some(found) = self.find(name).await? else {
+            return Ok(Response::new(proto::RemoveImageResponse {}));
+        };
+        let query = ImageQuery::Id(found.id.clone());
         if let Some(removed) = self.catalog.remove(&query).await.map_err(Error::from)? {
             tracing::info!(image_id = %removed.id, names = ?removed.record_names, "removed image");
         }

@@ -90,7 +90,10 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         realm_credentials: Some(Arc::new(keyring.clone())),
         ..ClientSettings::default()
     })?;
-    let policy = Policy::load(&config.registry.registries_conf)?;
+    let policy = Policy::load(
+        &config.registry.registries_conf,
+        Some(&config.registry.registries_conf_d),
+    )?;
     let platform = config.platform()?;
     let settings = PullSettings {
         snapshotter: config.containerd.snapshotter.clone(),

@@ -73,6 +73,8 @@ pub struct DaemonConfig {
     rewrite_authority: Option<bool>,
     /// policy.json written next to the config; None: no file (every image accepted).
     policy_json: Option<String>,
+    /// (file name, text) written into `registries.conf.d/`.
+    registries_drop_ins: Vec<(String, String)>,
     registries: Vec<RegistryEntry>,
     registries_conf_extra: String,
     /// (file name `host..port`, PEM).
@@ -101,6 +103,7 @@ impl DaemonConfig {
             direct_content: None,
             rewrite_authority: None,
             policy_json: None,
+            registries_drop_ins: Vec::new(),
             registries: Vec::new(),
             registries_conf_extra: String::new(),
             cas: Vec::new(),
@@ -153,6 +156,13 @@ impl DaemonConfig {
     /// `[containerd] direct_content` (the daemon's default when not set).
     pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
         self.direct_content = Some(enabled);
+        self
+    }
+
+    /// A drop-in file `registries.conf.d/<name>` (`[registry] registries_conf_d`).
+    pub fn registries_drop_in(mut self, name: &str, toml: &str) -> DaemonConfig {
+        self.registries_drop_ins
+            .push((name.to_owned(), toml.to_owned()));
         self
     }
 
@@ -282,6 +292,14 @@ impl DaemonConfig {
         let registries_conf = base.join("registries.conf");
         std::fs::write(&registries_conf, self.registries_conf_text())
             .ctx(|| format!("writing {}", registries_conf.display()))?;
+        if !self.registries_drop_ins.is_empty() {
+            let dir = base.join("registries.conf.d");
+            std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+            for (name, text) in &self.registries_drop_ins {
+                let path = dir.join(name);
+                std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
+            }
+        }
         if let Some(json) = &self.policy_json {
             let path = base.join("policy.json");
             std::fs::write(&path, json).ctx(|| format!("writing {}", path.display()))?;
@@ -345,14 +363,16 @@ impl DaemonConfig {
     }
 
     fn registries_conf_text(&self) -> String {
-        let mut text = String::new();
+        // The test's own text first: its top-level keys (search registries, mode)
+        // must come before any table.
+        let mut text = self.registries_conf_extra.clone();
+        text.push('\n');
         for entry in &self.registries {
             text.push_str(&format!(
                 "[[registry]]\nlocation = \"{}\"\ninsecure = {}\n\n",
                 entry.location, entry.insecure
             ));
         }
-        text.push_str(&self.registries_conf_extra);
         text
     }
 
@@ -364,7 +384,7 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.rewrite_authority
                 .map(|r| format!("rewrite_authority = {r}\n"))
@@ -375,6 +395,7 @@ impl DaemonConfig {
                 .map(|d| format!("direct_content = {d}\n"))
                 .unwrap_or_default(),
             registries_conf.display(),
+            registries_conf.with_file_name("registries.conf.d").display(),
             registries_conf.with_file_name("policy.json").display(),
             ca_dir.display(),
             kubelet_root.display(),

@@ -1,15 +1,18 @@
-//! Registry policy from containers-registries.conf(5) v2: which sources serve a
-//! reference, in order (mirrors, then the origin unless it is blocked), and whether
-//! each may be reached insecurely.
+//! Registry policy from containers-registries.conf(5) and its `.d` drop-ins: which
+//! references a name written by the user stands for (aliases, unqualified-search
+//! registries, short-name-mode), which sources serve a reference, in order (mirrors,
+//! then the origin unless it is blocked), and whether each may be reached insecurely.
 //!
-//! Read: `[[registry]]` `prefix`, `location`, `insecure`, `blocked`,
-//! `mirror-by-digest-only` and `[[registry.mirror]]` `location`, `insecure`,
-//! `pull-from-mirror`. Short names (`unqualified-search-registries`, aliases) are
-//! accepted and not yet acted on.
+//! - [`file`]: one file (v2, or the v1 tables) read into a layer.
+//! - [`short_names`]: candidates for a name without a registry host.
+
+mod file;
+pub mod short_names;
 
 use crate::reference::{Reference, DOCKER_HUB, DOCKER_HUB_REGISTRY};
 use crate::registry::Endpoint;
-use serde::Deserialize;
+pub use short_names::{Candidates, ShortNameError, ShortNameMode};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum PolicyError {
         index: usize,
         why: String,
     },
+    #[error("registries.conf {path}: {why}")]
+    InvalidFile { path: PathBuf, why: String },
 }
 
 /// A reference that no source may serve.
@@ -72,40 +77,6 @@ impl std::fmt::Display for Blocked {
 
 impl std::error::Error for Blocked {}
 
-#[derive(Debug, Deserialize, Default)]
-struct File {
-    #[serde(default)]
-    registry: Vec<RegistryEntry>,
-}
-
-#[derive(Debug, Deserialize, Clone, Default)]
-#[serde(rename_all = "kebab-case")]
-struct RegistryEntry {
-    #[serde(default)]
-    prefix: Option<String>,
-    #[serde(default)]
-    location: Option<String>,
-    #[serde(default)]
-    insecure: bool,
-    #[serde(default)]
-    blocked: bool,
-    #[serde(default)]
-    mirror_by_digest_only: bool,
-    #[serde(default)]
-    mirror: Vec<MirrorEntry>,
-}
-
-#[derive(Debug, Deserialize, Clone, Default)]
-#[serde(rename_all = "kebab-case")]
-struct MirrorEntry {
-    #[serde(default)]
-    location: String,
-    #[serde(default)]
-    insecure: bool,
-    #[serde(default)]
-    pull_from_mirror: Option<String>,
-}
-
 /// One `[[registry]]` entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
@@ -117,6 +88,8 @@ struct Rule {
     /// The origin is never contacted (OpenShift's NeverContactSource); mirrors are.
     blocked: bool,
     mirrors: Vec<Mirror>,
+    /// The file the rule came from, for messages.
+    path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,129 +146,87 @@ pub struct Source {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
-    /// The file the rules came from, for messages.
-    path: PathBuf,
+    /// `unqualified-search-registries`, and the file that set it.
+    search: Vec<String>,
+    search_from: PathBuf,
+    mode: ShortNameMode,
+    /// Short name → (fully qualified repository, the file that set it).
+    aliases: BTreeMap<String, (String, PathBuf)>,
 }
 
 impl Policy {
-    /// Loads `path`; a missing file is an empty policy.
-    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
-            Err(source) => Err(PolicyError::Read {
-                path: path.to_path_buf(),
-                source,
-            }),
+    /// Loads `path`, then every `*.conf` in `dir` in name order (containers-
+    /// registries.conf.d(5)); a missing file or directory adds nothing.
+    pub fn load(path: &Path, dir: Option<&Path>) -> Result<Policy, PolicyError> {
+        let mut policy = Policy::default();
+        if let Some(text) = read_optional(path)? {
+            policy.add(file::parse(&text, path)?);
         }
+        let Some(dir) = dir else {
+            return Ok(policy);
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(policy),
+            Err(source) => {
+                return Err(PolicyError::Read {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut drop_ins: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "conf") && p.is_file())
+            .collect();
+        drop_ins.sort();
+        for path in drop_ins {
+            if let Some(text) = read_optional(&path)? {
+                let layer = file::parse(&text, &path)?;
+                if layer.v1 {
+                    return Err(PolicyError::InvalidFile {
+                        path,
+                        why: "drop-in files must use the v2 format".into(),
+                    });
+                }
+                policy.add(layer);
+            }
+        }
+        Ok(policy)
     }
 
+    /// One registries.conf file on its own (no `.d` directory).
     pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
-        let file: File = toml::from_str(text).map_err(|source| PolicyError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
-        let mut rules = Vec::new();
-        for (index, entry) in file.registry.into_iter().enumerate() {
-            let invalid = |why: &str| PolicyError::Invalid {
-                path: path.to_path_buf(),
-                index,
-                why: why.to_string(),
-            };
-            let location = entry.location.clone().unwrap_or_default();
-            // `prefix = ""` is how OpenShift renders "same as location" (seed 004).
-            let prefix = entry
-                .prefix
-                .clone()
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| location.clone());
-            if prefix.is_empty() {
-                return Err(invalid("needs a prefix or a location"));
-            }
-            if prefix.starts_with("*.") && !location.is_empty() {
-                return Err(invalid("a wildcard prefix cannot have a location"));
-            }
-            if !location.is_empty() && !is_registry_location(&normalize_hub(&location)) {
-                return Err(invalid(
-                    "location is not a registry host[:port] optionally followed by /path",
-                ));
-            }
-            if prefix.starts_with("*.") && !entry.mirror.is_empty() {
-                return Err(invalid("mirrors under a wildcard prefix are not supported"));
-            }
-            let mut mirrors = Vec::new();
-            for (m, mirror) in entry.mirror.iter().enumerate() {
-                let invalid_mirror = |why: String| invalid(&format!("mirror {m}: {why}"));
-                let location = normalize_hub(&mirror.location);
-                if !is_registry_location(&location) {
-                    return Err(invalid_mirror(format!(
-                        "location {:?} is not a registry host[:port] optionally followed by /path",
-                        mirror.location
-                    )));
-                }
-                let serves = match mirror.pull_from_mirror.as_deref() {
-                    None | Some("all") | Some("") => MirrorUse::All,
-                    Some("digest-only") => MirrorUse::DigestOnly,
-                    Some("tag-only") => MirrorUse::TagOnly,
-                    Some(other) => {
-                        return Err(invalid_mirror(format!(
-                            "pull-from-mirror {other:?} is not \"all\", \"digest-only\" or \"tag-only\""
-                        )))
-                    }
-                };
-                // As containers/image: the entry-wide switch and a per-mirror choice
-                // other than "all" contradict each other.
-                if entry.mirror_by_digest_only && serves != MirrorUse::All {
-                    return Err(invalid_mirror(
-                        "pull-from-mirror cannot be combined with mirror-by-digest-only".into(),
-                    ));
-                }
-                mirrors.push(Mirror {
-                    location,
-                    insecure: mirror.insecure,
-                    serves: if entry.mirror_by_digest_only {
-                        MirrorUse::DigestOnly
-                    } else {
-                        serves
-                    },
-                });
-            }
-            let rule = Rule {
-                prefix: normalize_hub(&prefix),
-                location: normalize_hub(if location.is_empty() {
-                    &prefix
-                } else {
-                    &location
-                }),
-                insecure: entry.insecure,
-                blocked: entry.blocked,
-                mirrors,
-            };
-            // OpenShift renders one prefix in several entries (seed 004 §9.2.3: digest-only
-            // mirrors in one, `blocked` and a tag-only mirror in another). They are one
-            // rule: mirrors in file order, blocked or insecure if any entry says so.
-            match rules
-                .iter_mut()
-                .find(|r: &&mut Rule| r.prefix == rule.prefix)
-            {
-                Some(earlier) if earlier.location != rule.location => {
-                    return Err(invalid(&format!(
-                        "prefix {:?} appears again with another location ({:?}, {:?})",
-                        rule.prefix, earlier.location, rule.location
-                    )));
-                }
-                Some(earlier) => {
-                    earlier.insecure |= rule.insecure;
-                    earlier.blocked |= rule.blocked;
-                    earlier.mirrors.extend(rule.mirrors);
-                }
-                None => rules.push(rule),
+        let mut policy = Policy::default();
+        policy.add(file::parse(text, path)?);
+        Ok(policy)
+    }
+
+    /// Lays `layer` over what earlier files said: a `[[registry]]` with a known
+    /// prefix replaces the earlier one, search registries and the mode are replaced
+    /// when set, aliases merge (an empty value removes one).
+    fn add(&mut self, layer: file::Layer) {
+        for rule in layer.rules {
+            match self.rules.iter_mut().find(|r| r.prefix == rule.prefix) {
+                Some(earlier) => *earlier = rule,
+                None => self.rules.push(rule),
             }
         }
-        Ok(Policy {
-            rules,
-            path: path.to_path_buf(),
-        })
+        if let Some(search) = layer.search {
+            self.search = search.iter().map(|s| normalize_hub(s)).collect();
+            self.search_from = layer.path.clone();
+        }
+        if let Some(mode) = layer.mode {
+            self.mode = mode;
+        }
+        for (short, target) in layer.aliases {
+            if target.is_empty() {
+                self.aliases.remove(&short);
+            } else {
+                self.aliases.insert(short, (target, layer.path.clone()));
+            }
+        }
     }
 
     /// The rule whose prefix matches `name` (`domain/path`) most specifically.
@@ -350,7 +281,7 @@ impl Policy {
         if sources.is_empty() {
             return Err(Blocked {
                 image: reference.to_string(),
-                path: self.path.clone(),
+                path: rule.path.clone(),
                 prefix: rule.prefix.clone(),
                 mirrors_skipped: rule.mirrors.len(),
                 by_digest,
@@ -395,6 +326,18 @@ impl Policy {
     /// Whether `host` (`host[:port]`) is configured insecure.
     pub fn host_insecure(&self, host: &str) -> bool {
         self.rule_for(host).is_some_and(|r| r.insecure)
+    }
+}
+
+/// The text of `path`, or None when it does not exist.
+fn read_optional(path: &Path) -> Result<Option<String>, PolicyError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -478,7 +421,7 @@ mod tests {
     #[test]
     fn seed_004_mirror_sets_by_digest_and_by_tag() {
         let p = Policy::parse(
-            include_str!("../tests/fixtures/registries/seed004-9.2.3-mirrors.conf"),
+            include_str!("../../tests/fixtures/registries/seed004-9.2.3-mirrors.conf"),
             Path::new("registries.conf"),
         )
         .unwrap();
@@ -531,7 +474,7 @@ mod tests {
     #[test]
     fn seed_004_blocked_registries() {
         let p = Policy::parse(
-            include_str!("../tests/fixtures/registries/seed004-9.2.2-blocked.conf"),
+            include_str!("../../tests/fixtures/registries/seed004-9.2.2-blocked.conf"),
             Path::new("/etc/containers/registries.conf"),
         )
         .unwrap();
@@ -688,6 +631,10 @@ insecure = true
             .unwrap_err()
             .to_string();
         assert!(e.contains("/x/r.conf"), "{e}");
-        assert!(Policy::load(Path::new("/nonexistent/registries.conf")).is_ok());
+        assert!(Policy::load(
+            Path::new("/nonexistent/registries.conf"),
+            Some(Path::new("/nonexistent/d"))
+        )
+        .is_ok());
     }
 }
