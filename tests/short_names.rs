@@ -34,8 +34,11 @@ async fn search_registries_are_tried_in_order_and_the_image_recorded_fully_quali
     let found = status(daemon.socket(), "team/app:1")
         .await
         .expect("ImageStatus of the short name finds the pulled image");
-    assert_eq!(found.repo_tags, [image.reference.clone()]);
-    assert_eq!(found.repo_digests, [image.digest_reference.clone()]);
+    assert_eq!(found.repo_tags, std::slice::from_ref(&image.reference));
+    assert_eq!(
+        found.repo_digests,
+        std::slice::from_ref(&image.digest_reference)
+    );
     // containerd's own CRI knows it by the fully qualified name only.
     let mut theirs = None;
     for _ in 0..100 {
