@@ -21,6 +21,7 @@
 //! - [`store`]: the `ImageStore` trait and its containerd implementation.
 //! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above.
 //! - [`config`]: the daemon's TOML configuration.
+//! - [`reload`], [`file_stamp`]: configuration files re-read when they change.
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
 #![forbid(unsafe_code)]
 
@@ -30,12 +31,14 @@ pub mod client;
 pub mod config;
 pub mod cri;
 pub mod digest;
+pub mod file_stamp;
 pub mod oci;
 pub mod platform;
 pub mod policy;
 pub mod puller;
 pub mod reference;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod trust_policy;

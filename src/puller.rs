@@ -14,6 +14,7 @@ use crate::policy::short_names::Resolution;
 use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceKind};
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use crate::reload::Reloading;
 use crate::store::{
     ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED,
     LABEL_UNCOMPRESSED,
@@ -203,8 +204,8 @@ pub struct Puller {
 struct Inner {
     store: Arc<dyn ImageStore>,
     registry: RegistryClient,
-    policy: Policy,
-    trust: TrustPolicy,
+    policy: Reloading<Policy>,
+    trust: Reloading<TrustPolicy>,
     keyring: Keyring,
     settings: PullSettings,
     inflight: Mutex<HashMap<String, SharedPull>>,
@@ -214,8 +215,8 @@ impl Puller {
     pub fn new(
         store: Arc<dyn ImageStore>,
         registry: RegistryClient,
-        policy: Policy,
-        trust: TrustPolicy,
+        policy: Reloading<Policy>,
+        trust: Reloading<TrustPolicy>,
         keyring: Keyring,
         settings: PullSettings,
     ) -> Self {
@@ -243,6 +244,7 @@ impl Puller {
         let candidates = self
             .inner
             .policy
+            .get()
             .candidates(name)
             .map_err(|e| Arc::new(PullError::from(e)))?;
         if candidates.resolution != Resolution::Qualified {
@@ -277,7 +279,7 @@ impl Puller {
 
     /// The fully qualified references `name` may be stored under, most likely first.
     pub fn stored_candidates(&self, name: &str) -> Result<Candidates, ShortNameError> {
-        self.inner.policy.stored_candidates(name)
+        self.inner.policy.get().stored_candidates(name)
     }
 
     /// Pulls `reference`. A pull of the same reference with the same request
@@ -380,8 +382,8 @@ impl Inner {
         let started = Instant::now();
         // policy.json judges the name that was asked for, before any registry is
         // contacted, as containers/image does.
-        self.trust.check(reference)?;
-        let sources = self.policy.sources(reference)?;
+        self.trust.get().check(reference)?;
+        let sources = self.policy.get().sources(reference)?;
         let mut failed: Vec<SourceFailure> = Vec::new();
         let count = sources.len();
         for (i, source) in sources.iter().enumerate() {

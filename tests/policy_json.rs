@@ -147,3 +147,68 @@ fn explain_shows_the_verdict_and_its_scope() {
     assert_eq!(accepted["sources"][0]["kind"], "origin");
     assert_eq!(accepted["sources"][0]["registry"], host);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_json_and_registries_conf_reload_while_the_daemon_runs() {
+    let (containerd, registry) = start(Registry::open);
+    let image = images::busybox()
+        .tag("1")
+        .build()
+        .push(&registry, "live/app");
+    let host = registry.host();
+    let reject = format!(
+        r#"{{"default": [{{"type": "insecureAcceptAnything"}}],
+            "transports": {{"docker": {{"{host}/live": [{{"type": "reject"}}]}}}}}}"#
+    );
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .policy_json(&reject)
+        .start();
+    let policy_json = daemon.dir().join("policy.json");
+    assert_eq!(
+        pull_err(&daemon, &image.reference, None).await.code(),
+        Code::PermissionDenied
+    );
+    // Accepting now: the next pull sees it, no restart.
+    std::fs::write(
+        &policy_json,
+        r#"{"default": [{"type": "insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        pull_ok(&daemon, &image.reference, None).await,
+        image.config_digest
+    );
+    // A broken edit keeps the last good policy and says so.
+    std::fs::write(&policy_json, "{ not json").unwrap();
+    assert_eq!(
+        pull_ok(&daemon, &image.reference, None).await,
+        image.config_digest
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("does not load; keeping the last good one"),
+        "{}",
+        daemon.log()
+    );
+    // registries.conf too: blocking the registry refuses the next pull.
+    let conf = daemon.registries_conf_path().to_path_buf();
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!(
+        "\n[[registry]]\nprefix = \"{host}/live\"\nblocked = true\n"
+    ));
+    std::fs::write(&conf, text).unwrap();
+    let blocked = pull_err(&daemon, &image.reference, None).await;
+    assert_eq!(
+        blocked.code(),
+        Code::PermissionDenied,
+        "{}",
+        blocked.message()
+    );
+    assert!(
+        blocked.message().contains("is blocked"),
+        "{}",
+        blocked.message()
+    );
+}

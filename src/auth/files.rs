@@ -8,11 +8,10 @@
 //! the file changes, so each version of a broken file is reported once.
 
 use super::dockerconfig::{self, Entry, Format};
+use crate::file_stamp::Seen;
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 /// The file name of a `kubernetes.io/dockerconfigjson` secret's one key.
 pub const DOCKERCONFIGJSON: &str = ".dockerconfigjson";
@@ -62,29 +61,12 @@ pub struct SourcedEntry {
     pub source: Arc<str>,
 }
 
-/// What identifies one version of a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    dev: u64,
-    ino: u64,
-}
-
 #[derive(Debug, Clone)]
 enum Loaded {
     Missing,
     /// Unreadable or not valid JSON of the expected shape: skipped, as kubelet does.
     Broken,
     Valid(Arc<[Entry]>),
-}
-
-/// What a stat of the file found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    File(Stamp),
-    Missing,
-    Unreadable(std::io::ErrorKind),
 }
 
 #[derive(Debug)]
@@ -215,16 +197,7 @@ impl FileKeyring {
 
     /// The file's entries, re-read if it changed since the last look.
     fn load(&self, path: &Path, format: Format, if_missing: IfMissing) -> Loaded {
-        let seen = match std::fs::metadata(path) {
-            Ok(m) => Seen::File(Stamp {
-                len: m.len(),
-                modified: m.modified().ok(),
-                dev: m.dev(),
-                ino: m.ino(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Seen::Missing,
-            Err(e) => Seen::Unreadable(e.kind()),
-        };
+        let seen = Seen::of(path);
         let key = (path.to_path_buf(), format_key(format));
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(cached) = cache.get(&key) {

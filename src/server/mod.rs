@@ -18,6 +18,7 @@ use crate::policy::{Policy, PolicyError};
 use crate::proto::image_service_server::ImageServiceServer;
 use crate::puller::{PullSettings, Puller};
 use crate::registry::{ClientSettings, RegistryClient, RegistryError};
+use crate::reload::Reloading;
 use crate::store::{ContainerdStore, ImageStore, StoreError};
 use crate::trust_policy::{TrustPolicy, TrustPolicyError};
 use h2_edge::H2Edge;
@@ -90,10 +91,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         realm_credentials: Some(Arc::new(keyring.clone())),
         ..ClientSettings::default()
     })?;
-    let policy = Policy::load(
-        &config.registry.registries_conf,
-        Some(&config.registry.registries_conf_d),
-    )?;
+    let policy = registries_policy(config)?;
     let platform = config.platform()?;
     let settings = PullSettings {
         snapshotter: config.containerd.snapshotter.clone(),
@@ -101,7 +99,13 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
-    let trust = TrustPolicy::load(&config.registry.policy_json)?;
+    let policy_json = config.registry.policy_json.clone();
+    let watched = policy_json.clone();
+    let trust = Reloading::new(
+        "policy.json",
+        move || vec![watched.clone()],
+        move || TrustPolicy::load(&policy_json),
+    )?;
     let puller = Puller::new(store.clone(), registry, policy, trust, keyring, settings);
     let catalog = Arc::new(Catalog::new(store, platform));
     Ok(ImageServiceImpl::new(
@@ -109,6 +113,28 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         catalog,
         config.containerd.snapshotter.clone(),
     ))
+}
+
+/// registries.conf and its drop-ins, reloaded when any of them changes.
+fn registries_policy(config: &Config) -> Result<Reloading<Policy>, ServerError> {
+    let (conf, dir) = (
+        config.registry.registries_conf.clone(),
+        config.registry.registries_conf_d.clone(),
+    );
+    let (watched_conf, watched_dir) = (conf.clone(), dir.clone());
+    let watched = move || {
+        let mut paths = vec![watched_conf.clone(), watched_dir.clone()];
+        if let Ok(entries) = std::fs::read_dir(&watched_dir) {
+            let mut drop_ins: Vec<PathBuf> =
+                entries.filter_map(Result::ok).map(|e| e.path()).collect();
+            drop_ins.sort();
+            paths.extend(drop_ins);
+        }
+        paths
+    };
+    Ok(Reloading::new("registries.conf", watched, move || {
+        Policy::load(&conf, Some(&dir))
+    })?)
 }
 
 /// The keyring `[credentials]` describes, for this process: kubelet's `{cwd}` and
