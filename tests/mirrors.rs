@@ -272,3 +272,29 @@ fn a_misspelt_key_is_warned_about_with_its_file_and_line() {
         "{warning}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_demanding_a_client_certificate_gets_the_one_in_certs_d() {
+    let (containerd, registries) = start_many(vec![Box::new(Registry::mutual_tls)]);
+    let registry = &registries[0];
+    let image = pushed(registry, "mtls/app", "1");
+    // Without the certificate the registry ends the handshake (how the client sees
+    // that, an alert or a closed connection, depends on timing under TLS 1.3).
+    let without = DaemonConfig::new(&containerd).registry(registry).start();
+    let refused = pull_err(&without, &image.reference, None).await;
+    assert!(
+        matches!(refused.code(), Code::Unavailable | Code::Internal),
+        "{:?}: {}",
+        refused.code(),
+        refused.message()
+    );
+    // With `<host:port>/client.cert` + `client.key` in the certs.d directory.
+    let with = DaemonConfig::new(&containerd)
+        .registry(registry)
+        .client_certificate(registry)
+        .start();
+    assert_eq!(
+        pull_ok(&with, &image.reference, None).await,
+        image.config_digest
+    );
+}

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -285,20 +285,28 @@ impl Transport {
         }
         let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?;
-        let tls = if verify {
+        let host = url.host_str().unwrap_or_default();
+        let wants_identity = if verify {
             let mut roots = (*self.system_roots).clone();
             if let Some(dir) = &self.ca_dir {
-                let host = url.host_str().unwrap_or_default();
                 add_extra_cas(&mut roots, dir, host, url.port())?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         } else {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(
                     self.provider.clone(),
                 )))
-                .with_no_client_auth()
+        };
+        // Mutual TLS: a client certificate from certs.d, offered to insecure hosts too.
+        let identity = match &self.ca_dir {
+            Some(dir) => client_identity(dir, host, url.port())?,
+            None => None,
+        };
+        let tls = match identity {
+            Some((chain, key)) => wants_identity.with_client_auth_cert(chain, key)?,
+            None => wants_identity.with_no_client_auth(),
         };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -466,6 +474,44 @@ fn add_extra_cas(
         }
     }
     Ok(())
+}
+
+/// The client certificate for `host[:port]`: in the certs.d directory `host:port`
+/// (or `host`), a `NAME.cert` with its `NAME.key`, as containers-certs.d(5) lays
+/// them out. A `.cert` without its key is an error, as in containers/image.
+fn client_identity(
+    dir: &Path,
+    host: &str,
+    port: Option<u16>,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, RegistryError> {
+    let dir_name = match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let certs_d = dir.join(&dir_name);
+    let Ok(entries) = std::fs::read_dir(&certs_d) else {
+        return Ok(None);
+    };
+    let mut certs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cert") && p.is_file())
+        .collect();
+    certs.sort();
+    let Some(cert) = certs.into_iter().next() else {
+        return Ok(None);
+    };
+    let store_error = |path: &Path, source| RegistryError::TrustStore {
+        host: dir_name.clone(),
+        path: path.display().to_string(),
+        source,
+    };
+    let key = cert.with_extension("key");
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| store_error(&cert, e))?;
+    let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| store_error(&key, e))?;
+    tracing::debug!(cert = %cert.display(), "offering a client certificate");
+    Ok(Some((chain, private)))
 }
 
 /// The certificate "verifier" for insecure endpoints: accepts any certificate but

@@ -153,6 +153,22 @@ impl DaemonConfig {
         self
     }
 
+    /// The registry's client certificate for mutual TLS, in the certs.d layout
+    /// (`<host:port>/client.cert` and `client.key` under `ca_dir`).
+    pub fn client_certificate(mut self, registry: &Registry) -> DaemonConfig {
+        let (cert, key) = registry
+            .client_certificate()
+            .expect("a registry started with Registry::mutual_tls");
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+        };
+        self.cas
+            .push((format!("{}/client.cert", registry.host()), read(&cert)));
+        self.cas
+            .push((format!("{}/client.key", registry.host()), read(&key)));
+        self
+    }
+
     /// `[containerd] direct_content` (the daemon's default when not set).
     pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
         self.direct_content = Some(enabled);
@@ -266,6 +282,9 @@ impl DaemonConfig {
         }
         for (name, pem) in &self.cas {
             let path = ca_dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+            }
             std::fs::write(&path, pem).ctx(|| format!("writing {}", path.display()))?;
         }
         if let Some(json) = &self.docker_config {

@@ -98,9 +98,23 @@ impl Registry {
         must(Registry::try_token(options))
     }
 
+    /// A TLS registry that demands a client certificate issued by its CA (mutual
+    /// TLS); see [`Registry::client_certificate`].
+    pub fn mutual_tls() -> Registry {
+        must(Registry::try_mutual_tls())
+    }
+
     pub fn try_open() -> Result<Registry> {
         let dir = temp_dir()?;
         Registry::launch(dir, RegistryAuth::Open, None, None, None, "")
+    }
+
+    pub fn try_mutual_tls() -> Result<Registry> {
+        let dir = temp_dir()?;
+        let ca = TestCa::create(&dir.path().join("ca"))?;
+        // Issued before launch: skopeo pushes with it from the cert dir.
+        ca.issue_client("client")?;
+        Registry::launch(dir, RegistryAuth::Open, Some(ca), None, None, "")
     }
 
     pub fn try_htpasswd(user: &str, password: &str) -> Result<Registry> {
@@ -162,8 +176,12 @@ impl Registry {
         let tls = match &ca {
             Some(ca) => {
                 let server = ca.issue_server("registry")?;
+                let client_cas = match ca.issued("client") {
+                    Some(_) => format!("    clientcas:\n      - {}\n", ca.cert_path().display()),
+                    None => String::new(),
+                };
                 format!(
-                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    "  tls:\n    certificate: {}\n    key: {}\n{client_cas}",
                     server.cert.display(),
                     server.key.display()
                 )
@@ -207,6 +225,13 @@ impl Registry {
             std::fs::create_dir_all(&certs).ctx(|| format!("creating {}", certs.display()))?;
             std::fs::copy(ca.cert_path(), certs.join("ca.crt"))
                 .ctx(|| "copying the registry CA".into())?;
+            // skopeo offers `*.cert` + `*.key` from the same directory.
+            if let Some(client) = ca.issued("client") {
+                std::fs::copy(&client.cert, certs.join("client.cert"))
+                    .ctx(|| "copying the client certificate".into())?;
+                std::fs::copy(&client.key, certs.join("client.key"))
+                    .ctx(|| "copying the client key".into())?;
+            }
         }
         Ok(Registry {
             child,
@@ -261,6 +286,13 @@ impl Registry {
     }
 
     /// A directory holding only `ca.crt` (skopeo `--dest-cert-dir` layout).
+    /// (certificate, key) PEM files of the client certificate a
+    /// [`Registry::mutual_tls`] registry demands.
+    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+        let client = self.ca.as_ref()?.issued("client")?;
+        Some((client.cert, client.key))
+    }
+
     pub fn cert_dir(&self) -> Option<PathBuf> {
         self.ca.as_ref().map(|_| self.dir.path().join("certs"))
     }

@@ -30,6 +30,10 @@ subjectAltName = IP:127.0.0.1, DNS:localhost
 [signing]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
 ";
 
 /// A CA whose files live in `dir` (owned by the caller's temp dir).
@@ -89,6 +93,20 @@ impl TestCa {
     /// A server certificate valid for `127.0.0.1` and `localhost`.
     pub fn issue_server(&self, name: &str) -> Result<Issued> {
         self.issue(name, "server", "/CN=127.0.0.1")
+    }
+
+    /// The certificate issued earlier as `name`, if any.
+    pub fn issued(&self, name: &str) -> Option<Issued> {
+        let issued = Issued {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+        };
+        issued.cert.is_file().then_some(issued)
+    }
+
+    /// A client certificate (mutual TLS).
+    pub fn issue_client(&self, name: &str) -> Result<Issued> {
+        self.issue(name, "client", "/CN=cri-imaged test client")
     }
 
     /// A certificate for the key that signs registry tokens (JWT `x5c`).
