@@ -23,6 +23,7 @@
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`reload`], [`file_stamp`]: configuration files re-read when they change.
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
+//! - [`explain`]: what a pull of an image would do, for `cri-imaged explain`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod cri;
 pub mod digest;
+pub mod explain;
 pub mod file_stamp;
 pub mod oci;
 pub mod platform;

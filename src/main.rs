@@ -177,85 +177,17 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let reference = match cri_imaged::reference::Reference::parse(image) {
-        Ok(r) => r,
-        Err(e) => {
+    let out = match cri_imaged::explain::explain(&config, image).await {
+        Ok(out) => out,
+        Err(e @ cri_imaged::explain::ExplainError::Name(_)) => {
             eprintln!("cri-imaged: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let (keyring, policy) = match (
-        cri_imaged::server::keyring(&config),
-        cri_imaged::policy::Policy::load(
-            &config.registry.registries_conf,
-            Some(&config.registry.registries_conf_d),
-        ),
-    ) {
-        (Ok(k), Ok(p)) => (k, p),
-        (Err(e), _) => {
-            eprintln!("cri-imaged: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        (_, Err(e)) => {
-            eprintln!("cri-imaged: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let trust = match cri_imaged::trust_policy::TrustPolicy::load(&config.registry.policy_json) {
-        Ok(t) => t,
         Err(e) => {
             eprintln!("cri-imaged: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let (scope, _) = trust.scope_for(&reference);
-    let verdict = serde_json::json!({
-        "file": config.registry.policy_json,
-        "scope": scope,
-        "verdict": match trust.check(&reference) {
-            Ok(()) => "accepted".to_string(),
-            Err(refusal) => refusal.to_string(),
-        },
-    });
-    let sources = match policy.sources(&reference) {
-        Ok(sources) => sources,
-        Err(blocked) => {
-            let out = serde_json::json!({
-                "image": reference.to_string(),
-                "policy": verdict,
-                "blocked": blocked.to_string(),
-            });
-            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-            return ExitCode::SUCCESS;
-        }
-    };
-    let mut candidates = Vec::new();
-    let mut per_source = Vec::new();
-    for source in &sources {
-        let mut here = Vec::new();
-        for c in keyring.configured(&source.reference).await {
-            here.push(serde_json::json!({
-                "key": c.key,
-                "source": c.source,
-                "kind": c.kind(),
-            }));
-        }
-        candidates.extend(here.iter().cloned());
-        per_source.push(serde_json::json!({
-            "kind": source.kind.to_string(),
-            "registry": source.endpoint.host,
-            "reference": source.reference.to_string(),
-            "insecure": source.endpoint.insecure,
-            "candidates": here,
-        }));
-    }
-    let out = serde_json::json!({
-        "image": reference.to_string(),
-        "policy": verdict,
-        "sources": per_source,
-        "candidates": candidates,
-        "matching": keyring.matching().to_string(),
-    });
     match serde_json::to_string_pretty(&out) {
         Ok(text) => {
             use std::io::Write as _;

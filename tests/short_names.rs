@@ -83,6 +83,26 @@ async fn an_alias_from_a_drop_in_wins_over_search_and_enforcing_refuses_ambiguit
         .start();
     assert_eq!(pull_ok(&daemon, "tool:3", None).await, tool.config_digest);
     assert!(status(daemon.socket(), "tool:3").await.is_some());
+    // explain shows how the name resolved.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+        .arg("--config")
+        .arg(daemon.config_path())
+        .args(["explain", "tool:3"])
+        .output()
+        .expect("running cri-imaged explain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(explained["image"], tool.reference);
+    assert!(
+        explained["resolution"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("alias \"tool\"") && r.contains("50-site.conf")),
+        "{explained}"
+    );
     let ambiguous = pull_err(&daemon, "other:1", None).await;
     assert_eq!(
         ambiguous.code(),
