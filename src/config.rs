@@ -70,6 +70,11 @@ pub struct RegistryConfig {
     pub registries_conf_d: PathBuf,
     /// containers-policy.json(5) file; a missing file accepts every image.
     pub policy_json: PathBuf,
+    /// HTTP proxy URL for registry and token traffic; empty: `HTTPS_PROXY` /
+    /// `HTTP_PROXY` / `NO_PROXY` from the environment.
+    pub proxy: String,
+    /// Hosts that bypass `proxy` (comma-separated hosts, `.domain`s, `host:port`, `*`).
+    pub no_proxy: String,
     /// Extra CAs: files named `<host>` or `<host>..<port>`, or `<host:port>/ca.crt`.
     pub ca_dir: PathBuf,
 }
@@ -80,6 +85,8 @@ impl Default for RegistryConfig {
             registries_conf: PathBuf::from("/etc/containers/registries.conf"),
             registries_conf_d: PathBuf::from("/etc/containers/registries.conf.d"),
             policy_json: PathBuf::from("/etc/containers/policy.json"),
+            proxy: String::new(),
+            no_proxy: String::new(),
             ca_dir: PathBuf::from("/etc/containers/certs.d"),
         }
     }

@@ -13,6 +13,7 @@ pub mod challenge;
 pub mod credential;
 pub mod error;
 mod manifest;
+pub mod proxy;
 mod transport;
 
 #[cfg(test)]
@@ -21,6 +22,7 @@ mod fake;
 pub use challenge::{RealmCredential, RealmCredentials};
 pub use credential::Credential;
 pub use error::{ErrorCode, NotFound, RegistryError, RetryAfter};
+pub use proxy::ProxySettings;
 
 use crate::oci::Descriptor;
 use bytes::Bytes;
@@ -57,6 +59,8 @@ pub struct ClientSettings {
     /// Credentials for token realms on another host (delegated auth); `None`: the
     /// registry's credential goes to the realm.
     pub realm_credentials: Option<Arc<dyn challenge::RealmCredentials>>,
+    /// An HTTP proxy for registry and token traffic (`CONNECT` tunnels).
+    pub proxy: Option<Arc<ProxySettings>>,
 }
 
 impl Default for ClientSettings {
@@ -67,6 +71,7 @@ impl Default for ClientSettings {
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             realm_credentials: None,
+            proxy: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! endpoint configured insecure names.
 
 use super::error::{cause_chain, RegistryError};
+use super::proxy::{ProxyConnector, ProxySettings};
 use super::{ClientSettings, Endpoint};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, AUTHORIZATION, LOCATION, USER_AGENT};
@@ -29,7 +30,7 @@ use url::Url;
 /// through a CDN hop or two).
 pub(crate) const MAX_REDIRECTS: usize = 5;
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<HttpsConnector<ProxyConnector>, Full<Bytes>>;
 
 /// One request as the caller wants it sent; the transport adds `User-Agent` and
 /// carries `authorization` only as far as the origin it was meant for.
@@ -54,6 +55,7 @@ impl Outgoing {
 pub(crate) struct Transport {
     user_agent: HeaderValue,
     ca_dir: Option<PathBuf>,
+    proxy: Option<Arc<ProxySettings>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     provider: Arc<CryptoProvider>,
@@ -94,6 +96,7 @@ impl Transport {
         Ok(Transport {
             user_agent,
             ca_dir: settings.ca_dir.clone(),
+            proxy: settings.proxy.clone(),
             connect_timeout: settings.connect_timeout,
             idle_timeout: settings.idle_timeout,
             provider,
@@ -317,7 +320,7 @@ impl Transport {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(ProxyConnector::new(http, self.proxy.clone()));
         let client: HttpsClient = Client::builder(TokioExecutor::new()).build(connector);
         self.clients
             .lock()

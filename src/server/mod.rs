@@ -17,7 +17,8 @@ use crate::cri::ImageServiceImpl;
 use crate::policy::{Policy, PolicyError};
 use crate::proto::image_service_server::ImageServiceServer;
 use crate::puller::{PullSettings, Puller};
-use crate::registry::{ClientSettings, RegistryClient, RegistryError};
+use crate::registry::proxy::ProxyError;
+use crate::registry::{ClientSettings, ProxySettings, RegistryClient, RegistryError};
 use crate::reload::Reloading;
 use crate::store::{ContainerdStore, ImageStore, StoreError};
 use crate::trust_policy::{TrustPolicy, TrustPolicyError};
@@ -66,6 +67,8 @@ pub enum ServerError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     TrustPolicy(#[from] TrustPolicyError),
+    #[error("config key `registry.proxy` (or HTTPS_PROXY): {0}")]
+    Proxy(#[from] ProxyError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -86,9 +89,18 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
     );
     let keyring = keyring(config)?;
     keyring.preload();
+    let proxy = if config.registry.proxy.is_empty() {
+        ProxySettings::from_env()?
+    } else {
+        ProxySettings::new(&config.registry.proxy, &config.registry.no_proxy)?
+    };
+    if let Some(proxy) = &proxy {
+        tracing::info!(?proxy, "registry traffic goes through a proxy");
+    }
     let registry = RegistryClient::new(ClientSettings {
         ca_dir: Some(config.registry.ca_dir.clone()),
         realm_credentials: Some(Arc::new(keyring.clone())),
+        proxy: proxy.map(Arc::new),
         ..ClientSettings::default()
     })?;
     let policy = registries_policy(config)?;

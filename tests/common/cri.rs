@@ -75,6 +75,8 @@ pub struct DaemonConfig {
     policy_json: Option<String>,
     /// (file name, text) written into `registries.conf.d/`.
     registries_drop_ins: Vec<(String, String)>,
+    /// `[registry] proxy` and `no_proxy`.
+    proxy: Option<(String, String)>,
     registries: Vec<RegistryEntry>,
     registries_conf_extra: String,
     /// (file name `host..port`, PEM).
@@ -104,6 +106,7 @@ impl DaemonConfig {
             rewrite_authority: None,
             policy_json: None,
             registries_drop_ins: Vec::new(),
+            proxy: None,
             registries: Vec::new(),
             registries_conf_extra: String::new(),
             cas: Vec::new(),
@@ -172,6 +175,12 @@ impl DaemonConfig {
     /// `[containerd] direct_content` (the daemon's default when not set).
     pub fn direct_content(mut self, enabled: bool) -> DaemonConfig {
         self.direct_content = Some(enabled);
+        self
+    }
+
+    /// `[registry] proxy = url` and `no_proxy`.
+    pub fn proxy(mut self, url: &str, no_proxy: &str) -> DaemonConfig {
+        self.proxy = Some((url.to_owned(), no_proxy.to_owned()));
         self
     }
 
@@ -332,7 +341,7 @@ impl DaemonConfig {
 
         let log = base.join("cri-imaged.log");
         let mut child = spawn_logged(
-            Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+            without_proxy_env(&mut Command::new(env!("CARGO_BIN_EXE_cri-imaged")))
                 .arg("--config")
                 .arg(&config)
                 .args(&self.args)
@@ -403,7 +412,7 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n{}\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.rewrite_authority
                 .map(|r| format!("rewrite_authority = {r}\n"))
@@ -417,6 +426,10 @@ impl DaemonConfig {
             registries_conf.with_file_name("registries.conf.d").display(),
             registries_conf.with_file_name("policy.json").display(),
             ca_dir.display(),
+            self.proxy
+                .as_ref()
+                .map(|(url, no)| format!("proxy = \"{url}\"\nno_proxy = \"{no}\"\n"))
+                .unwrap_or_default(),
             kubelet_root.display(),
         );
         // Paths of the credential files and secrets live next to the socket.
@@ -536,4 +549,20 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// `command` without the proxy variables of whoever runs the tests: every daemon
+/// talks to the loopback registries directly unless a test sets `[registry] proxy`.
+fn without_proxy_env(command: &mut Command) -> &mut Command {
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        command.env_remove(name);
+    }
+    command
 }

@@ -13,6 +13,7 @@
 //! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
 //! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
+//! - [`proxy`]: an HTTP CONNECT proxy that records the tunnels asked of it.
 //! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //! - [`clients`]: stock gRPC clients (grpc-go as kubelet dials, Python grpcio) built
 //!   under target/ and run over a CRI socket; a recorder of the headers they send.
@@ -28,6 +29,7 @@ pub mod fake_registry;
 pub mod http_server;
 pub mod images;
 pub mod leftovers;
+pub mod proxy;
 pub mod records;
 pub mod registry;
 pub mod scenario;
