@@ -75,8 +75,12 @@ pub struct RegistryConfig {
     pub proxy: String,
     /// Hosts that bypass `proxy` (comma-separated hosts, `.domain`s, `host:port`, `*`).
     pub no_proxy: String,
-    /// Extra CAs: files named `<host>` or `<host>..<port>`, or `<host:port>/ca.crt`.
+    /// Extra CAs: files named `<host>` or `<host>..<port>` (OpenShift's
+    /// additionalTrustedCA keys), or the certs.d layout; empty: none.
     pub ca_dir: PathBuf,
+    /// containers-certs.d(5): `<host[:port]>/*.crt` CAs and `NAME.cert` + `NAME.key`
+    /// client certificates; may be missing.
+    pub certs_d: PathBuf,
 }
 
 impl Default for RegistryConfig {
@@ -87,7 +91,8 @@ impl Default for RegistryConfig {
             policy_json: PathBuf::from("/etc/containers/policy.json"),
             proxy: String::new(),
             no_proxy: String::new(),
-            ca_dir: PathBuf::from("/etc/containers/certs.d"),
+            ca_dir: PathBuf::new(),
+            certs_d: PathBuf::from("/etc/containers/certs.d"),
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Endpoint {
 pub struct ClientSettings {
     /// Directory of extra CA PEM files: `<host>`, `<host>..<port>`, or `<host:port>/*.crt`.
     pub ca_dir: Option<PathBuf>,
+    /// A containers-certs.d(5) directory (`<host[:port]>/*.crt`, `NAME.cert` +
+    /// `NAME.key`); read like `ca_dir`, after it.
+    pub certs_d: Option<PathBuf>,
     /// Sent as `User-Agent`; empty means `cri-imaged/<version>`.
     pub user_agent: String,
     /// Limit on establishing a TCP connection (TLS handshake excluded).
@@ -67,6 +70,7 @@ impl Default for ClientSettings {
     fn default() -> Self {
         ClientSettings {
             ca_dir: None,
+            certs_d: None,
             user_agent: String::new(),
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),

@@ -54,7 +54,8 @@ impl Outgoing {
 
 pub(crate) struct Transport {
     user_agent: HeaderValue,
-    ca_dir: Option<PathBuf>,
+    /// `ca_dir`, then `certs_d`: where extra CAs and client certificates are found.
+    trust_dirs: Vec<PathBuf>,
     proxy: Option<Arc<ProxySettings>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -95,7 +96,16 @@ impl Transport {
         });
         Ok(Transport {
             user_agent,
-            ca_dir: settings.ca_dir.clone(),
+            trust_dirs: {
+                let mut dirs: Vec<PathBuf> = [&settings.ca_dir, &settings.certs_d]
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .cloned()
+                    .collect();
+                dirs.dedup();
+                dirs
+            },
             proxy: settings.proxy.clone(),
             connect_timeout: settings.connect_timeout,
             idle_timeout: settings.idle_timeout,
@@ -291,7 +301,7 @@ impl Transport {
         let host = url.host_str().unwrap_or_default();
         let wants_identity = if verify {
             let mut roots = (*self.system_roots).clone();
-            if let Some(dir) = &self.ca_dir {
+            for dir in &self.trust_dirs {
                 add_extra_cas(&mut roots, dir, host, url.port())?;
             }
             builder.with_root_certificates(roots)
@@ -303,10 +313,13 @@ impl Transport {
                 )))
         };
         // Mutual TLS: a client certificate from certs.d, offered to insecure hosts too.
-        let identity = match &self.ca_dir {
-            Some(dir) => client_identity(dir, host, url.port())?,
-            None => None,
-        };
+        let mut identity = None;
+        for dir in &self.trust_dirs {
+            identity = client_identity(dir, host, url.port())?;
+            if identity.is_some() {
+                break;
+            }
+        }
         let tls = match identity {
             Some((chain, key)) => wants_identity.with_client_auth_cert(chain, key)?,
             None => wants_identity.with_no_client_auth(),

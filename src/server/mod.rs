@@ -99,6 +99,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
     }
     let registry = RegistryClient::new(ClientSettings {
         ca_dir: Some(config.registry.ca_dir.clone()),
+        certs_d: Some(config.registry.certs_d.clone()),
         realm_credentials: Some(Arc::new(keyring.clone())),
         proxy: proxy.map(Arc::new),
         ..ClientSettings::default()

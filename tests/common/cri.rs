@@ -75,6 +75,8 @@ pub struct DaemonConfig {
     policy_json: Option<String>,
     /// (file name, text) written into `registries.conf.d/`.
     registries_drop_ins: Vec<(String, String)>,
+    /// (path, PEM) written into the `certs_d` directory.
+    certs_d_files: Vec<(String, String)>,
     /// `[registry] proxy` and `no_proxy`.
     proxy: Option<(String, String)>,
     registries: Vec<RegistryEntry>,
@@ -106,6 +108,7 @@ impl DaemonConfig {
             rewrite_authority: None,
             policy_json: None,
             registries_drop_ins: Vec::new(),
+            certs_d_files: Vec::new(),
             proxy: None,
             registries: Vec::new(),
             registries_conf_extra: String::new(),
@@ -157,7 +160,7 @@ impl DaemonConfig {
     }
 
     /// The registry's client certificate for mutual TLS, in the certs.d layout
-    /// (`<host:port>/client.cert` and `client.key` under `ca_dir`).
+    /// (`<host:port>/client.cert` and `client.key` under `certs_d`).
     pub fn client_certificate(mut self, registry: &Registry) -> DaemonConfig {
         let (cert, key) = registry
             .client_certificate()
@@ -165,9 +168,9 @@ impl DaemonConfig {
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
         };
-        self.cas
+        self.certs_d_files
             .push((format!("{}/client.cert", registry.host()), read(&cert)));
-        self.cas
+        self.certs_d_files
             .push((format!("{}/client.key", registry.host()), read(&key)));
         self
     }
@@ -289,8 +292,10 @@ impl DaemonConfig {
         for d in [&ca_dir, &kubelet_root] {
             std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
         }
-        for (name, pem) in &self.cas {
-            let path = ca_dir.join(name);
+        let certs_d = ca_dir.with_file_name("certs.d");
+        let files = self.cas.iter().map(|(n, p)| (ca_dir.join(n), p));
+        let certs_d_files = self.certs_d_files.iter().map(|(n, p)| (certs_d.join(n), p));
+        for (path, pem) in files.chain(certs_d_files) {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
             }
@@ -412,7 +417,7 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\n{}\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\ncerts_d = \"{}\"\n{}\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.rewrite_authority
                 .map(|r| format!("rewrite_authority = {r}\n"))
@@ -426,6 +431,7 @@ impl DaemonConfig {
             registries_conf.with_file_name("registries.conf.d").display(),
             registries_conf.with_file_name("policy.json").display(),
             ca_dir.display(),
+            ca_dir.with_file_name("certs.d").display(),
             self.proxy
                 .as_ref()
                 .map(|(url, no)| format!("proxy = \"{url}\"\nno_proxy = \"{no}\"\n"))
