@@ -298,3 +298,67 @@ async fn a_registry_demanding_a_client_certificate_gets_the_one_in_certs_d() {
         image.config_digest
     );
 }
+
+/// Blob downloads `registry` served to anyone but skopeo (the pusher).
+fn blob_gets(registry: &Registry, repo: &str) -> usize {
+    let needle = format!("\"GET /v2/{repo}/blobs/");
+    registry
+        .log()
+        .lines()
+        .filter(|l| l.contains(&needle) && !l.contains("skopeo/"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_through_cache_as_mirror_serves_the_second_node_from_its_cache() {
+    let (first_containerd, registries) = start_many(vec![Box::new(Registry::open)]);
+    let origin = &registries[0];
+    let image = pushed(origin, "lib/app", "1");
+    let cache = Registry::pull_through(origin);
+    let second_containerd = Containerd::start();
+    let conf = format!(
+        "[[registry]]\nprefix = \"{}\"\ninsecure = true\n\n\
+         [[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+        origin.host(),
+        cache.host()
+    );
+    // Two nodes (each its own containerd and cri-imaged) behind one cache.
+    let mut from_origin = Vec::new();
+    for (node, containerd) in [&first_containerd, &second_containerd]
+        .into_iter()
+        .enumerate()
+    {
+        let daemon = DaemonConfig::new(containerd)
+            .registry(origin)
+            .registry(&cache)
+            .registries_conf(&conf)
+            .start();
+        assert_eq!(
+            pull_ok(&daemon, &image.reference, None).await,
+            image.config_digest,
+            "node {node}"
+        );
+        recorded_as_asked(containerd, &daemon, &image.reference, &image).await;
+        // The cache stores what it fetched in the background: wait until the
+        // origin's blob count stops moving.
+        let mut settled = blob_gets(origin, "lib/app");
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let now = blob_gets(origin, "lib/app");
+            if now == settled {
+                break;
+            }
+            settled = now;
+        }
+        from_origin.push(settled);
+    }
+    assert!(
+        from_origin[0] > 0,
+        "the first node's pull went through the cache to the origin"
+    );
+    assert_eq!(
+        from_origin[0], from_origin[1],
+        "the second node was served from the cache: no blob came from the origin again"
+    );
+    assert!(blob_gets(&cache, "lib/app") > 0, "{}", cache.log());
+}

@@ -104,6 +104,19 @@ impl Registry {
         must(Registry::try_mutual_tls())
     }
 
+    /// A plain-HTTP pull-through cache in front of the open registry `remote`
+    /// (docker-registry's `proxy.remoteurl` mode), the way clusters put Harbor,
+    /// Spegel or Dragonfly in front of a registry.
+    pub fn pull_through(remote: &Registry) -> Registry {
+        must(Registry::try_pull_through(remote))
+    }
+
+    pub fn try_pull_through(remote: &Registry) -> Result<Registry> {
+        let dir = temp_dir()?;
+        let proxy = format!("proxy:\n  remoteurl: {}\n", remote.url());
+        Registry::launch(dir, RegistryAuth::Open, None, None, None, &proxy)
+    }
+
     pub fn try_open() -> Result<Registry> {
         let dir = temp_dir()?;
         Registry::launch(dir, RegistryAuth::Open, None, None, None, "")
