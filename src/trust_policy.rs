@@ -341,6 +341,30 @@ mod tests {
     }
 
     #[test]
+    fn seed_004_allowed_registries_policy() {
+        // OpenShift's registrySources.allowedRegistries as a node's policy.json
+        // (seed 004 §9.2.1, example 9.1 and the node listing after it).
+        let p = TrustPolicy::parse(
+            include_bytes!("../tests/fixtures/policy/seed004-allowed-registries.json"),
+            Path::new("/etc/containers/policy.json"),
+        )
+        .unwrap();
+        assert_eq!(verdict(&p, "quay.io/team/app:1"), Ok(()));
+        assert_eq!(verdict(&p, "example.com/x"), Ok(()));
+        assert_eq!(
+            verdict(&p, "image-registry.openshift-image-registry.svc:5000/ns/app@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+            Ok(())
+        );
+        assert_eq!(verdict(&p, "reg4.io/myrepo/myapp:latest"), Ok(()));
+        assert_eq!(
+            verdict(&p, "reg4.io/myrepo/myapp:v2"),
+            Err("default:Reject".into())
+        );
+        assert_eq!(verdict(&p, "busybox"), Err("default:Reject".into()));
+        assert_eq!(verdict(&p, "sub.quay.io/x"), Err("default:Reject".into()));
+    }
+
+    #[test]
     fn debian_default_accepts_everything() {
         let p = policy(r#"{"default": [{"type": "insecureAcceptAnything"}]}"#);
         assert_eq!(verdict(&p, "anything.io/at/all@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"), Ok(()));

@@ -274,6 +274,30 @@ short-name-mode = "enforcing"
     }
 
     #[test]
+    fn debians_shipped_registries_conf_and_policy_json_load() {
+        for shipped in [
+            "/etc/containers/registries.conf",
+            "/etc/containers/policy.json",
+        ] {
+            assert!(
+                Path::new(shipped).is_file(),
+                "{shipped} is missing; apt-get install golang-github-containers-common"
+            );
+        }
+        let p = Policy::load(
+            Path::new("/etc/containers/registries.conf"),
+            Some(Path::new("/etc/containers/registries.conf.d")),
+        )
+        .unwrap();
+        // Debian sets no search registries: short names stay Docker Hub's.
+        assert!(p.candidates("busybox").is_ok());
+        let trust =
+            crate::trust_policy::TrustPolicy::load(Path::new("/etc/containers/policy.json"))
+                .unwrap();
+        assert!(trust.check(&Reference::parse("busybox").unwrap()).is_ok());
+    }
+
+    #[test]
     fn the_v1_format_is_read() {
         let text = r#"
 [registries.search]
