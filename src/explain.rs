@@ -8,6 +8,7 @@ use crate::auth::Keyring;
 use crate::config::Config;
 use crate::policy::{Policy, PolicyError, ShortNameError};
 use crate::reference::Reference;
+use crate::registry;
 use crate::server::{self, ServerError};
 use crate::trust_policy::{TrustPolicy, TrustPolicyError};
 use serde_json::{json, Value};
@@ -45,6 +46,19 @@ pub async fn explain(config: &Config, image: &str) -> Result<Value, ExplainError
     out["names"] = json!(names);
     out["matching"] = json!(keyring.matching().to_string());
     Ok(out)
+}
+
+/// The CA files and client certificate that apply to `host` (`host[:port]`).
+fn tls(config: &Config, host: &str) -> Value {
+    let Ok(url) = url::Url::parse(&format!("https://{host}/")) else {
+        return Value::Null;
+    };
+    let dirs = [
+        config.registry.ca_dir.clone(),
+        config.registry.certs_d.clone(),
+    ];
+    let files = registry::tls_files(&dirs, url.host_str().unwrap_or_default(), url.port());
+    json!({"cas": files.cas, "client_certificate": files.client_certificate})
 }
 
 async fn candidate(
@@ -88,6 +102,7 @@ async fn candidate(
             "registry": source.endpoint.host,
             "reference": source.reference.to_string(),
             "insecure": source.endpoint.insecure,
+            "tls": tls(config, &source.endpoint.host),
             "candidates": here,
         }));
     }

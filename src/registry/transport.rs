@@ -441,19 +441,23 @@ pub(crate) fn redacted(url: &Url) -> String {
     format!("{}://{}{}", url.scheme(), authority(url), url.path())
 }
 
-/// Adds the extra CAs for `host[:port]` found in `dir`: a PEM file named `host` or
+/// The certs.d directory name for `host[:port]`.
+fn certs_d_name(host: &str, port: Option<u16>) -> String {
+    match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    }
+}
+
+/// The extra CA files for `host[:port]` in `dir`: a PEM file named `host` or
 /// `host..port` (OpenShift's additionalTrustedCA keys), and every `*.crt` in the
 /// `certs.d`-style directory `host` or `host:port`.
-fn add_extra_cas(
-    roots: &mut RootCertStore,
-    dir: &Path,
-    host: &str,
-    port: Option<u16>,
-) -> Result<(), RegistryError> {
-    let (file_name, dir_name) = match port {
-        Some(p) => (format!("{host}..{p}"), format!("{host}:{p}")),
-        None => (host.to_string(), host.to_string()),
+fn ca_files(dir: &Path, host: &str, port: Option<u16>) -> Result<Vec<PathBuf>, RegistryError> {
+    let file_name = match port {
+        Some(p) => format!("{host}..{p}"),
+        None => host.to_string(),
     };
+    let dir_name = certs_d_name(host, port);
     let mut files = Vec::new();
     let file = dir.join(&file_name);
     if file.is_file() {
@@ -473,6 +477,18 @@ fn add_extra_cas(
         found.sort();
         files.extend(found);
     }
+    Ok(files)
+}
+
+/// Adds the extra CAs for `host[:port]` found in `dir` (see [`ca_files`]).
+fn add_extra_cas(
+    roots: &mut RootCertStore,
+    dir: &Path,
+    host: &str,
+    port: Option<u16>,
+) -> Result<(), RegistryError> {
+    let dir_name = certs_d_name(host, port);
+    let files = ca_files(dir, host, port)?;
     for path in files {
         let certs = CertificateDer::pem_file_iter(&path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -492,30 +508,31 @@ fn add_extra_cas(
     Ok(())
 }
 
-/// The client certificate for `host[:port]`: in the certs.d directory `host:port`
-/// (or `host`), a `NAME.cert` with its `NAME.key`, as containers-certs.d(5) lays
-/// them out. A `.cert` without its key is an error, as in containers/image.
-fn client_identity(
-    dir: &Path,
-    host: &str,
-    port: Option<u16>,
-) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, RegistryError> {
-    let dir_name = match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_string(),
-    };
-    let certs_d = dir.join(&dir_name);
-    let Ok(entries) = std::fs::read_dir(&certs_d) else {
-        return Ok(None);
-    };
+/// The client certificate file for `host[:port]` in `dir`: in the certs.d directory
+/// `host:port` (or `host`), the first `NAME.cert` by name (its key is `NAME.key`),
+/// as containers-certs.d(5) lays them out.
+fn client_certificate_file(dir: &Path, host: &str, port: Option<u16>) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir.join(certs_d_name(host, port))).ok()?;
     let mut certs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "cert") && p.is_file())
         .collect();
     certs.sort();
-    let Some(cert) = certs.into_iter().next() else {
+    certs.into_iter().next()
+}
+
+/// The client certificate and key for `host[:port]` from `dir`
+/// ([`client_certificate_file`]). A `.cert` without its key is an error, as in
+/// containers/image.
+fn client_identity(
+    dir: &Path,
+    host: &str,
+    port: Option<u16>,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, RegistryError> {
+    let Some(cert) = client_certificate_file(dir, host, port) else {
         return Ok(None);
     };
+    let dir_name = certs_d_name(host, port);
     let store_error = |path: &Path, source| RegistryError::TrustStore {
         host: dir_name.clone(),
         path: path.display().to_string(),
@@ -528,6 +545,27 @@ fn client_identity(
     let private = PrivateKeyDer::from_pem_file(&key).map_err(|e| store_error(&key, e))?;
     tracing::debug!(cert = %cert.display(), "offering a client certificate");
     Ok(Some((chain, private)))
+}
+
+/// The files that shape TLS to `host[:port]` from `dirs` (in order): extra CAs and
+/// the client certificate, for `explain`. Unreadable directories list nothing.
+pub fn tls_files(dirs: &[PathBuf], host: &str, port: Option<u16>) -> TlsFiles {
+    TlsFiles {
+        cas: dirs
+            .iter()
+            .flat_map(|d| ca_files(d, host, port).unwrap_or_default())
+            .collect(),
+        client_certificate: dirs
+            .iter()
+            .find_map(|d| client_certificate_file(d, host, port)),
+    }
+}
+
+/// See [`tls_files`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cas: Vec<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
 }
 
 /// The certificate "verifier" for insecure endpoints: accepts any certificate but
