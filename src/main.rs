@@ -70,6 +70,12 @@ enum Command {
         #[command(flatten)]
         endpoint: EndpointArg,
     },
+    /// Load and check every configured file (the config, registries.conf and its
+    /// drop-ins, policy.json, credential files and provider config, the proxy) as the
+    /// daemon would at start; exit 64 naming the first problem.
+    CheckConfig,
+    /// Print the version, the commit it was built from and the compiler.
+    Version,
     /// Print, as JSON, what a pull of IMAGE would do, from the daemon's --config:
     /// the policy.json verdict and its scope, the sources in order (mirrors, then the
     /// origin unless blocked) and the credentials each would try (keys and where they
@@ -104,6 +110,20 @@ fn main() -> ExitCode {
     match cli.command {
         None => runtime.block_on(serve(cli.config)),
         Some(Command::Explain { image }) => runtime.block_on(explain(cli.config, &image)),
+        Some(Command::CheckConfig) => {
+            // The containerd client is built (not connected) inside a runtime.
+            let _runtime = runtime.enter();
+            check_config(cli.config)
+        }
+        Some(Command::Version) => {
+            println!(
+                "cri-imaged {} (commit {}, {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("CRI_IMAGED_COMMIT"),
+                env!("CRI_IMAGED_RUSTC")
+            );
+            ExitCode::SUCCESS
+        }
         Some(command) => match runtime.block_on(client(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -111,6 +131,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `check-config`: builds the service as `serve` would (containerd is not contacted).
+fn check_config(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config_path.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cri_imaged::server::build_service(&config) {
+        Ok(_) => {
+            let shown = config_path.map_or("the defaults".into(), |p| p.display().to_string());
+            println!("cri-imaged: configuration OK ({shown})");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
@@ -377,7 +416,9 @@ async fn client(command: Command) -> anyhow::Result<()> {
             }
         }
         // Dispatched in `main`: it reads the config and talks to no daemon.
-        Command::Explain { image } => anyhow::bail!("explain {image}: not a client command"),
+        Command::Explain { .. } | Command::CheckConfig | Command::Version => {
+            anyhow::bail!("not a client command")
+        }
         Command::Imagefsinfo { endpoint } => {
             let mut client = cri_imaged::client::connect(&endpoint.image_endpoint).await?;
             let response = client
