@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::cri::{Daemon, DaemonConfig};
+use common::cri::{explain, Daemon, DaemonConfig};
 use common::images;
 use common::registry::Registry;
 use common::scenario::{password_auth, pull, pull_err, pull_ok, start_many as start};
@@ -537,22 +537,6 @@ fn explain_setup(dir: &Path, matching: &str) -> std::path::PathBuf {
     )
     .expect("config");
     config
-}
-
-fn explain(config: &Path, image: &str) -> (serde_json::Value, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-        .arg("explain")
-        .arg("--config")
-        .arg(config)
-        .arg(image)
-        .output()
-        .expect("running cri-imaged explain");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "explain failed: {stderr}");
-    let json = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("explain printed no JSON ({e}): {stdout}"));
-    (json, format!("{stdout}{stderr}"))
 }
 
 #[test]

@@ -8,10 +8,10 @@
 mod common;
 
 use common::containerd::Containerd;
-use common::cri::DaemonConfig;
+use common::cri::{explain, DaemonConfig};
 use common::images::{self, PushedImage};
 use common::registry::Registry;
-use common::scenario::{pull_err, pull_ok, start_many, status};
+use common::scenario::{pull_err, pull_err_code, pull_ok, start_many, status};
 use tonic::Code;
 
 /// A loopback `host:port` where nothing listens (connections are refused).
@@ -142,13 +142,7 @@ async fn blocked_origin_is_never_contacted_and_its_digest_mirror_serves_digests_
             mirror.host()
         ))
         .start();
-    let by_tag = pull_err(&daemon, &image.reference, None).await;
-    assert_eq!(
-        by_tag.code(),
-        Code::PermissionDenied,
-        "{}",
-        by_tag.message()
-    );
+    let by_tag = pull_err_code(&daemon, &image.reference, Code::PermissionDenied).await;
     assert!(
         by_tag.message().contains("is blocked")
             && by_tag.message().contains("registries.conf")
@@ -188,13 +182,7 @@ async fn a_blocked_registry_without_mirrors_is_permission_denied() {
             blocked.host()
         ))
         .start();
-    let status = pull_err(&daemon, &image.reference, None).await;
-    assert_eq!(
-        status.code(),
-        Code::PermissionDenied,
-        "{}",
-        status.message()
-    );
+    let status = pull_err_code(&daemon, &image.reference, Code::PermissionDenied).await;
     assert!(
         status.message().contains("is blocked"),
         "{}",
@@ -216,9 +204,9 @@ async fn when_every_source_fails_the_error_lists_each_with_its_outcome() {
             origin.host()
         ))
         .start();
-    let status = pull_err(&daemon, &format!("{}/nothing/here:1", origin.host()), None).await;
     // The origin's answer decides the code; the mirror's is listed before it.
-    assert_eq!(status.code(), Code::NotFound, "{}", status.message());
+    let image = format!("{}/nothing/here:1", origin.host());
+    let status = pull_err_code(&daemon, &image, Code::NotFound).await;
     let message = status.message();
     assert!(
         message.contains(&format!("mirror {refused}")) && message.contains(origin.host()),
@@ -296,6 +284,19 @@ async fn a_registry_demanding_a_client_certificate_gets_the_one_in_certs_d() {
     assert_eq!(
         pull_ok(&with, &image.reference, None).await,
         image.config_digest
+    );
+    // explain names the CA file and the client certificate in use.
+    let (explained, _) = explain(with.config_path(), &image.reference);
+    let tls = &explained["sources"][0]["tls"];
+    let port = registry.host().rsplit(':').next().unwrap();
+    assert!(
+        tls["cas"][0]
+            .as_str()
+            .is_some_and(|p| p.ends_with(&format!("127.0.0.1..{port}")))
+            && tls["client_certificate"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(&format!("{}/client.cert", registry.host()))),
+        "{explained}"
     );
 }
 

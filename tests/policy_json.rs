@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::cri::DaemonConfig;
+use common::cri::{explain, DaemonConfig};
 use common::images;
 use common::leftovers::assert_nothing_left;
 use common::registry::Registry;
-use common::scenario::{pull_err, pull_ok, start};
+use common::scenario::{pull_err_code, pull_ok, start};
 use tonic::Code;
 
 /// The log lines of requests the registry served to anyone but skopeo (the pusher).
@@ -43,13 +43,7 @@ async fn repository_scope_accepts_inside_a_rejected_host_and_rejections_name_sco
                 }}}}}}"#
         ))
         .start();
-    let status = pull_err(&daemon, &other.reference, None).await;
-    assert_eq!(
-        status.code(),
-        Code::PermissionDenied,
-        "{}",
-        status.message()
-    );
+    let status = pull_err_code(&daemon, &other.reference, Code::PermissionDenied).await;
     let message = status.message();
     assert!(
         message.contains(&format!("rejected by scope \"{host}\""))
@@ -85,13 +79,7 @@ async fn signature_requirements_fail_closed_with_kubelets_reason() {
                 }}}}}}"#
         ))
         .start();
-    let status = pull_err(&daemon, &image.reference, None).await;
-    assert_eq!(
-        status.code(),
-        Code::PermissionDenied,
-        "{}",
-        status.message()
-    );
+    let status = pull_err_code(&daemon, &image.reference, Code::PermissionDenied).await;
     assert!(
         status.message().starts_with("SignatureValidationFailed: ")
             && status.message().contains("signedBy")
@@ -101,8 +89,12 @@ async fn signature_requirements_fail_closed_with_kubelets_reason() {
     );
     assert_nothing_left(&containerd, &[], "a pull policy.json refuses unsigned");
     // The default rejects what no scope names.
-    let status = pull_err(&daemon, "docker.io/library/busybox:1", None).await;
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = pull_err_code(
+        &daemon,
+        "docker.io/library/busybox:1",
+        Code::PermissionDenied,
+    )
+    .await;
     assert!(
         status.message().contains("rejected by the default"),
         "{}",
@@ -121,27 +113,14 @@ fn explain_shows_the_verdict_and_its_scope() {
                 "transports": {{"docker": {{"{host}/blocked": [{{"type": "reject"}}]}}}}}}"#
         ))
         .start();
-    let explain = |image: &str| -> serde_json::Value {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-            .args(["--config"])
-            .arg(daemon.config_path())
-            .args(["explain", image])
-            .output()
-            .expect("running cri-imaged explain");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("explain prints JSON")
-    };
-    let refused = explain(&format!("{host}/blocked/app:1"));
+    let decision = |image: &str| explain(daemon.config_path(), image).0;
+    let refused = decision(&format!("{host}/blocked/app:1"));
     assert_eq!(refused["policy"]["scope"], format!("{host}/blocked"));
     assert!(refused["policy"]["verdict"]
         .as_str()
         .unwrap()
         .contains("rejected"));
-    let accepted = explain(&format!("{host}/fine/app:1"));
+    let accepted = decision(&format!("{host}/fine/app:1"));
     assert_eq!(accepted["policy"]["scope"], "default");
     assert_eq!(accepted["policy"]["verdict"], "accepted");
     assert_eq!(accepted["sources"][0]["kind"], "origin");
@@ -165,10 +144,7 @@ async fn policy_json_and_registries_conf_reload_while_the_daemon_runs() {
         .policy_json(&reject)
         .start();
     let policy_json = daemon.dir().join("policy.json");
-    assert_eq!(
-        pull_err(&daemon, &image.reference, None).await.code(),
-        Code::PermissionDenied
-    );
+    pull_err_code(&daemon, &image.reference, Code::PermissionDenied).await;
     // Accepting now: the next pull sees it, no restart.
     std::fs::write(
         &policy_json,
@@ -199,13 +175,7 @@ async fn policy_json_and_registries_conf_reload_while_the_daemon_runs() {
         "\n[[registry]]\nprefix = \"{host}/live\"\nblocked = true\n"
     ));
     std::fs::write(&conf, text).unwrap();
-    let blocked = pull_err(&daemon, &image.reference, None).await;
-    assert_eq!(
-        blocked.code(),
-        Code::PermissionDenied,
-        "{}",
-        blocked.message()
-    );
+    let blocked = pull_err_code(&daemon, &image.reference, Code::PermissionDenied).await;
     assert!(
         blocked.message().contains("is blocked"),
         "{}",

@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::cri::DaemonConfig;
+use common::cri::{explain, DaemonConfig};
 use common::images;
 use common::registry::Registry;
-use common::scenario::{pull_err, pull_ok, start_many, status};
+use common::scenario::{pull_err_code, pull_ok, start_many, status};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,18 +84,7 @@ async fn an_alias_from_a_drop_in_wins_over_search_and_enforcing_refuses_ambiguit
     assert_eq!(pull_ok(&daemon, "tool:3", None).await, tool.config_digest);
     assert!(status(daemon.socket(), "tool:3").await.is_some());
     // explain shows how the name resolved.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
-        .arg("--config")
-        .arg(daemon.config_path())
-        .args(["explain", "tool:3"])
-        .output()
-        .expect("running cri-imaged explain");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (explained, _) = explain(daemon.config_path(), "tool:3");
     assert_eq!(explained["image"], tool.reference);
     assert!(
         explained["resolution"]
@@ -103,13 +92,7 @@ async fn an_alias_from_a_drop_in_wins_over_search_and_enforcing_refuses_ambiguit
             .is_some_and(|r| r.starts_with("alias \"tool\"") && r.contains("50-site.conf")),
         "{explained}"
     );
-    let ambiguous = pull_err(&daemon, "other:1", None).await;
-    assert_eq!(
-        ambiguous.code(),
-        Code::InvalidArgument,
-        "{}",
-        ambiguous.message()
-    );
+    let ambiguous = pull_err_code(&daemon, "other:1", Code::InvalidArgument).await;
     let message = ambiguous.message();
     assert!(
         message.contains("ambiguous")
@@ -133,8 +116,7 @@ async fn every_candidate_failing_lists_each() {
             second.host()
         ))
         .start();
-    let missing = pull_err(&daemon, "nowhere:1", None).await;
-    assert_eq!(missing.code(), Code::NotFound, "{}", missing.message());
+    let missing = pull_err_code(&daemon, "nowhere:1", Code::NotFound).await;
     assert!(
         missing
             .message()

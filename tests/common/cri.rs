@@ -572,3 +572,21 @@ fn without_proxy_env(command: &mut Command) -> &mut Command {
     }
     command
 }
+
+/// `cri-imaged explain --config CONFIG IMAGE`, which must succeed: its JSON, and
+/// everything it printed (for messages).
+pub fn explain(config: &Path, image: &str) -> (serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+        .arg("explain")
+        .arg("--config")
+        .arg(config)
+        .arg(image)
+        .output()
+        .expect("running cri-imaged explain");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "explain failed: {stderr}");
+    let json = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("explain printed no JSON ({e}): {stdout}"));
+    (json, format!("{stdout}{stderr}"))
+}

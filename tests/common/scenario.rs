@@ -122,6 +122,19 @@ pub async fn pull_err(daemon: &Daemon, image: &str, auth: Option<proto::AuthConf
     }
 }
 
+/// [`pull`] of `image` without credentials that must fail with `code`; returns the
+/// status (a wrong code panics with its message).
+pub async fn pull_err_code(daemon: &Daemon, image: &str, code: Code) -> Status {
+    let status = pull_err(daemon, image, None).await;
+    assert_eq!(
+        status.code(),
+        code,
+        "PullImage {image}: {}",
+        status.message()
+    );
+    status
+}
+
 /// Sends `request` to the daemon and expects a failure with `code`; returns the
 /// status.
 pub async fn pull_fails(daemon: &Daemon, request: proto::PullImageRequest, code: Code) -> Status {
