@@ -106,6 +106,13 @@ pub struct PullConfig {
     pub max_concurrent_downloads: usize,
     /// Seconds a pull's lease protects unreferenced content if the daemon dies mid-pull.
     pub lease_expiry_seconds: u64,
+    /// A registry that sends nothing for this long (`"90s"`, `"1m"`, `"500ms"`) fails
+    /// the pull with DeadlineExceeded (a mirror hands over to the next source), like
+    /// containerd's `image_pull_progress_timeout`. kubelet gives PullImage no deadline.
+    pub progress_timeout: String,
+    /// A blob arriving slower than this over a whole `progress_timeout` counts as
+    /// stalled too (a trickle); 0 turns the check off.
+    pub min_bytes_per_second: u64,
 }
 
 impl Default for PullConfig {
@@ -114,8 +121,56 @@ impl Default for PullConfig {
             platform: String::new(),
             max_concurrent_downloads: 4,
             lease_expiry_seconds: 86400,
+            progress_timeout: "1m".into(),
+            min_bytes_per_second: 0,
         }
     }
+}
+
+impl PullConfig {
+    /// `progress_timeout` as a duration (checked when the config loads).
+    pub fn progress_timeout(&self) -> Result<std::time::Duration, String> {
+        let d = parse_duration(&self.progress_timeout)?;
+        if d < std::time::Duration::from_millis(100) {
+            return Err(format!("{:?} is shorter than 100ms", self.progress_timeout));
+        }
+        Ok(d)
+    }
+}
+
+/// A duration as containerd and Kubernetes write them: a sequence of numbers with
+/// units `ms`, `s`, `m`, `h` (`"1m30s"`, `"500ms"`, `"2h"`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?} is not a duration such as \"90s\", \"1m\" or \"500ms\"");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = std::time::Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, millis) = if rest.starts_with("ms") {
+            ("ms", 1)
+        } else if rest.starts_with('s') {
+            ("s", 1_000)
+        } else if rest.starts_with('m') {
+            ("m", 60_000)
+        } else if rest.starts_with('h') {
+            ("h", 3_600_000)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[unit.len()..];
+        let millis = number.checked_mul(millis).ok_or_else(bad)?;
+        total = total
+            .checked_add(std::time::Duration::from_millis(millis))
+            .ok_or_else(bad)?;
+    }
+    Ok(total)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +256,10 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        config
+            .pull
+            .progress_timeout()
+            .map_err(|why| invalid("pull.progress_timeout", why))?;
         if config.pull.lease_expiry_seconds < 60 {
             return Err(invalid(
                 "pull.lease_expiry_seconds",
@@ -244,6 +303,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_as_containerd_writes_them() {
+        use std::time::Duration;
+        for (text, millis) in [
+            ("90s", 90_000),
+            ("1m", 60_000),
+            ("1m30s", 90_000),
+            ("500ms", 500),
+            ("2h", 7_200_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(millis)),
+                "{text}"
+            );
+        }
+        for bad in ["", "10", "1x", "m", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/cri-imaged/config.toml"))

@@ -452,3 +452,132 @@ async fn wait_until(mut ready: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A daemon whose `[pull]` section sets `progress` (TOML lines).
+fn daemon_with_pull(containerd: &Containerd, registries_conf: &str, progress: &str) -> Daemon {
+    DaemonConfig::new(containerd)
+        .registries_conf(registries_conf)
+        .extra_toml(&format!("[pull]\n{progress}"))
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_blob_fails_the_pull_with_deadline_exceeded_while_the_daemon_answers() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/stall");
+    let containerd = containerd();
+    let daemon = daemon_with_pull(
+        &containerd,
+        &fake.insecure_entry(),
+        "progress_timeout = \"2s\"",
+    );
+    let layer = big_layer(&image);
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 16 * 1024)],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    fake.wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
+        .await
+        .expect("the layer download started");
+    // The read RPCs are not held up by the stalled pull.
+    let mut client = daemon.client().await;
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        client.list_images(proto::ListImagesRequest { filter: None }),
+    )
+    .await
+    .expect("ListImages answers within a second during a stall")
+    .expect("ListImages");
+    let status = pulling
+        .await
+        .expect("the pull task")
+        .expect_err("a stalled pull fails");
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        status.message()
+    );
+    let message = status.message();
+    assert!(
+        message.contains(&fake.host())
+            && message.contains(&layer)
+            && message.contains("after 16384 bytes")
+            && message.contains("progress_timeout"),
+        "{message}"
+    );
+    assert_nothing_left(&containerd, &[], "a stalled pull");
+    fake.release(&layer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_below_the_minimum_rate_is_a_stall() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/trickle");
+    let containerd = containerd();
+    let daemon = daemon_with_pull(
+        &containerd,
+        &fake.insecure_entry(),
+        "progress_timeout = \"1s\"\nmin_bytes_per_second = 100000",
+    );
+    let layer = big_layer(&image);
+    // 1 KiB every 100 ms: about 10 kB/s, a tenth of the minimum.
+    fake.set_faults(Faults {
+        trickle_blobs: vec![(layer.clone(), 1024)],
+        ..Default::default()
+    });
+    let status = pull(&daemon, &reference, None)
+        .await
+        .expect_err("a trickling pull fails");
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains(&layer)
+            && status
+                .message()
+                .contains("below pull.min_bytes_per_second 100000"),
+        "{}",
+        status.message()
+    );
+    assert_nothing_left(&containerd, &[], "a trickling pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_mirror_hands_over_to_the_origin() {
+    let (mirror, origin) = (FakeRegistry::start(), FakeRegistry::start());
+    let image = images::busybox().build();
+    let reference = origin.serve_image(&image, "faults/mirrored");
+    mirror.serve_image(&image, "faults/mirrored");
+    let layer = big_layer(&image);
+    mirror.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 4096)],
+        ..Default::default()
+    });
+    let containerd = containerd();
+    let conf = format!(
+        "{}\n{}\n[[registry]]\nprefix = \"{}\"\ninsecure = true\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+        origin.insecure_entry(),
+        mirror.insecure_entry(),
+        origin.host(),
+        mirror.host()
+    );
+    let daemon = daemon_with_pull(&containerd, &conf, "progress_timeout = \"1s\"");
+    let id = pull(&daemon, &reference, None)
+        .await
+        .unwrap_or_else(|s| panic!("{}: {}\n{}", s.code(), s.message(), daemon.log()));
+    assert_eq!(id, image.host().config.digest);
+    assert!(
+        mirror.requests().iter().any(|r| r.path.ends_with(&layer)),
+        "the mirror was tried first"
+    );
+    mirror.release(&layer);
+}

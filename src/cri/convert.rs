@@ -111,6 +111,7 @@ fn registry_code(e: &RegistryError) -> Code {
         }
         | RegistryError::InvalidReference { .. }
         | RegistryError::InvalidUrl { .. } => Code::InvalidArgument,
+        RegistryError::Stalled { .. } => Code::DeadlineExceeded,
         RegistryError::Unauthorized { .. } => Code::Unauthenticated,
         RegistryError::Denied { .. } => Code::PermissionDenied,
         RegistryError::NotFound { .. } => Code::NotFound,

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use http::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 impl RegistryClient {
     /// Streams a blob from `offset` (a `Range` request when non-zero). A registry that
@@ -58,15 +58,19 @@ impl RegistryClient {
         let status = response.status();
         let state = if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
             check_content_range(&endpoint.host, response.headers(), offset)?;
-            BlobBody::new(response.into_body(), &endpoint.host, digest, size, offset)
-                .idle(self.inner.transport.idle_timeout())
+            BlobBody::new(response.into_body(), &endpoint.host, digest, size, offset).idle(
+                self.inner.transport.idle_timeout(),
+                self.inner.transport.min_bytes_per_second(),
+            )
         } else if status == StatusCode::OK {
             if offset > 0 {
                 tracing::debug!(offset, "registry ignored the range; skipping the head");
             }
             // The whole blob comes anyway, so it can be verified whole.
-            let mut b = BlobBody::new(response.into_body(), &endpoint.host, digest, size, 0)
-                .idle(self.inner.transport.idle_timeout());
+            let mut b = BlobBody::new(response.into_body(), &endpoint.host, digest, size, 0).idle(
+                self.inner.transport.idle_timeout(),
+                self.inner.transport.min_bytes_per_second(),
+            );
             b.skip = offset;
             b.verifier = Some(Verifier::new());
             b
@@ -128,6 +132,10 @@ struct BlobBody {
     /// Present when the body starts at byte 0, so the whole blob passes through it.
     verifier: Option<Verifier>,
     idle: Duration,
+    /// Trickle check: bytes since `window_start`, and the least acceptable rate.
+    min_bytes_per_second: u64,
+    window_start: Instant,
+    window_bytes: u64,
     done: bool,
 }
 
@@ -142,22 +150,63 @@ impl BlobBody {
             position: start,
             skip: 0,
             idle: Duration::from_secs(300),
+            min_bytes_per_second: 0,
+            window_start: Instant::now(),
+            window_bytes: 0,
             done: false,
         }
     }
 
-    fn idle(mut self, idle: Duration) -> Self {
+    fn idle(mut self, idle: Duration, min_bytes_per_second: u64) -> Self {
         self.idle = idle;
+        self.min_bytes_per_second = min_bytes_per_second;
         self
+    }
+
+    /// The stall error for this blob, with what arrived so far.
+    fn stalled(&self, why: String) -> RegistryError {
+        RegistryError::Stalled {
+            host: self.host.clone(),
+            what: format!("blob {}", self.digest),
+            received: self.position,
+            why,
+        }
+    }
+
+    /// A trickle is a stall: below the minimum rate over a whole window.
+    fn check_rate(&mut self, arrived: u64) -> Result<(), RegistryError> {
+        if self.min_bytes_per_second == 0 {
+            return Ok(());
+        }
+        self.window_bytes += arrived;
+        let elapsed = self.window_start.elapsed();
+        if elapsed < self.idle {
+            return Ok(());
+        }
+        let rate = (self.window_bytes as f64 / elapsed.as_secs_f64()) as u64;
+        if rate < self.min_bytes_per_second {
+            return Err(self.stalled(format!(
+                "{rate} bytes/s over {elapsed:.0?}, below pull.min_bytes_per_second {}",
+                self.min_bytes_per_second
+            )));
+        }
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+        Ok(())
     }
 
     /// The next non-empty chunk to hand on, `None` after a verified end.
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
         loop {
-            let Some(mut chunk) = next_data(&mut self.body, self.idle, &self.host).await? else {
+            let next = match next_data(&mut self.body, self.idle, &self.host).await {
+                Err(RegistryError::Stalled { why, .. }) => return Err(self.stalled(why)),
+                other => other?,
+            };
+            let Some(mut chunk) = next else {
                 return self.finish().map(|()| None);
             };
             self.position += chunk.len() as u64;
+            self.check_rate(chunk.len() as u64)?;
             if self.position > self.size {
                 return Err(RegistryError::SizeMismatch {
                     digest: self.digest.clone(),

@@ -13,9 +13,18 @@ pub enum RegistryError {
     /// DNS, connect, TLS, or the connection dropped before a response came.
     #[error("registry {host} is unreachable: {detail}")]
     Unreachable { host: String, detail: String },
-    /// The connection broke (or went idle too long) while a body was arriving.
+    /// The connection broke while a body was arriving.
     #[error("transfer from registry {host} was interrupted: {detail}")]
     Interrupted { host: String, detail: String },
+    /// No progress within `[pull] progress_timeout` (nothing arrived, or a trickle
+    /// below `min_bytes_per_second`): the pull is given up, not resumed.
+    #[error("registry {host} stalled on {what} after {received} bytes: {why}")]
+    Stalled {
+        host: String,
+        what: String,
+        received: u64,
+        why: String,
+    },
     /// 401 after every authentication step we could take.
     #[error("registry {host} answered 401 Unauthorized{}", detail_suffix(.detail))]
     Unauthorized { host: String, detail: String },
@@ -103,6 +112,7 @@ impl RegistryError {
         match self {
             RegistryError::Unreachable { .. }
             | RegistryError::Interrupted { .. }
+            | RegistryError::Stalled { .. }
             | RegistryError::TooManyRequests { .. } => true,
             RegistryError::Server { status, .. } => *status >= 500,
             _ => false,

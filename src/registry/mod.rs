@@ -60,6 +60,8 @@ pub struct ClientSettings {
     /// Longest wait for response headers or for the next piece of a body. There is
     /// no whole-request limit: a large layer may take long, as long as it moves.
     pub idle_timeout: Duration,
+    /// A blob slower than this over an `idle_timeout` window is stalled (0: off).
+    pub min_bytes_per_second: u64,
     /// Credentials for token realms on another host (delegated auth); `None`: the
     /// registry's credential goes to the realm.
     pub realm_credentials: Option<Arc<dyn challenge::RealmCredentials>>,
@@ -75,6 +77,7 @@ impl Default for ClientSettings {
             user_agent: String::new(),
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            min_bytes_per_second: 0,
             realm_credentials: None,
             proxy: None,
         }

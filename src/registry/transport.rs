@@ -59,6 +59,7 @@ pub(crate) struct Transport {
     proxy: Option<Arc<ProxySettings>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    min_bytes_per_second: u64,
     provider: Arc<CryptoProvider>,
     /// Loaded once: reading the system store is slow and it does not change under us.
     system_roots: Arc<RootCertStore>,
@@ -109,6 +110,7 @@ impl Transport {
             proxy: settings.proxy.clone(),
             connect_timeout: settings.connect_timeout,
             idle_timeout: settings.idle_timeout,
+            min_bytes_per_second: settings.min_bytes_per_second,
             provider,
             system_roots: Arc::new(roots),
             clients: Mutex::new(HashMap::new()),
@@ -118,6 +120,11 @@ impl Transport {
 
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// The slowest a blob may arrive over an `idle_timeout` window (0: any speed).
+    pub fn min_bytes_per_second(&self) -> u64 {
+        self.min_bytes_per_second
     }
 
     /// The URL of `path` on the endpoint: HTTPS, unless the endpoint is insecure and
@@ -628,9 +635,11 @@ pub(crate) async fn next_data(
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
-                return Err(RegistryError::Interrupted {
+                return Err(RegistryError::Stalled {
                     host: host.to_string(),
-                    detail: format!("no data for {} s", idle.as_secs()),
+                    what: "a response body".into(),
+                    received: 0,
+                    why: format!("nothing for {idle:?} (pull.progress_timeout)"),
                 })
             }
             Ok(None) => return Ok(None),

@@ -61,6 +61,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("config key `pull.progress_timeout`: {0}")]
+    ProgressTimeout(String),
     #[error("config key `pull.platform`: {0}")]
     Platform(#[from] crate::platform::PlatformError),
     #[error(transparent)]
@@ -97,7 +99,13 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
     if let Some(proxy) = &proxy {
         tracing::info!(?proxy, "registry traffic goes through a proxy");
     }
+    let progress_timeout = config
+        .pull
+        .progress_timeout()
+        .map_err(ServerError::ProgressTimeout)?;
     let registry = RegistryClient::new(ClientSettings {
+        idle_timeout: progress_timeout,
+        min_bytes_per_second: config.pull.min_bytes_per_second,
         ca_dir: Some(config.registry.ca_dir.clone()),
         certs_d: Some(config.registry.certs_d.clone()),
         realm_credentials: Some(Arc::new(keyring.clone())),

@@ -44,6 +44,8 @@ pub struct Faults {
     /// Each of these blobs (digest, bytes) sends that many bytes, then stalls until
     /// [`FakeRegistry::release`] names it.
     pub stall_blobs: Vec<(String, usize)>,
+    /// Each of these blobs (digest, bytes) trickles: that many bytes every 100 ms.
+    pub trickle_blobs: Vec<(String, usize)>,
 }
 
 /// One request as the fake saw it. The value of `Authorization` is not kept.
@@ -428,6 +430,27 @@ impl State {
             .iter()
             .find(|(d, _)| d == digest)
             .map(|(_, head)| *head);
+        let trickle = faults
+            .trickle_blobs
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, step)| (*step).max(1));
+        if let Some(step) = trickle {
+            let chunks: Vec<Bytes> = (0..len)
+                .step_by(step)
+                .map(|at| bytes.slice(at..(at + step).min(len)))
+                .collect();
+            let stream = futures_util::stream::iter(chunks).then(|chunk| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Ok(Frame::data(chunk))
+            });
+            return sized(
+                status,
+                len,
+                content_range,
+                StreamBody::new(stream).boxed_unsync(),
+            );
+        }
         if let Some(head) = stall.filter(|head| *head < len) {
             let tail = bytes.slice(head..);
             let head = bytes.slice(..head);
