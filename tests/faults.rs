@@ -157,15 +157,26 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
     let image = images::busybox().build();
     let reference = fake.serve_image(&image, "faults/status");
     let containerd = containerd();
-    let daemon = daemon(&containerd, &fake.insecure_entry());
+    // Retries wait no longer than the progress timeout: keep this test quick.
+    let daemon = daemon_with_pull(
+        &containerd,
+        &fake.insecure_entry(),
+        "progress_timeout = \"1s\"",
+    );
 
-    // (HTTP status, Retry-After, expected code, what the message must say)
+    // (HTTP status, Retry-After, expected code, what the message must say, tries)
     let cases = [
-        (429, Some("7"), Code::ResourceExhausted, "retry after 7 s"),
-        (503, None, Code::Unavailable, "RegistryUnavailable"),
-        (403, None, Code::PermissionDenied, "403"),
+        (
+            429,
+            Some("7"),
+            Code::ResourceExhausted,
+            "retry after 7 s",
+            4,
+        ),
+        (503, None, Code::Unavailable, "RegistryUnavailable", 4),
+        (403, None, Code::PermissionDenied, "403", 1),
     ];
-    for (http, retry_after, code, says) in cases {
+    for (http, retry_after, code, says, tries) in cases {
         let headers = retry_after
             .map(|secs| vec![("Retry-After".to_owned(), secs.to_owned())])
             .unwrap_or_default();
@@ -173,7 +184,17 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
             manifest_status: Some((http, headers)),
             ..Default::default()
         });
+        fake.clear_requests();
         let status = pull_fails(&daemon, cri::pull_request(&reference, None), code).await;
+        let manifest_gets = fake
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("/manifests/"))
+            .count();
+        assert_eq!(
+            manifest_gets, tries,
+            "HTTP {http}: 5xx and 429 are retried, 4xx not"
+        );
         assert!(
             status.message().contains(says),
             "HTTP {http}: {}",
@@ -580,4 +601,37 @@ async fn a_stalled_mirror_hands_over_to_the_origin() {
         "the mirror was tried first"
     );
     mirror.release(&layer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_5xx_is_retried_with_backoff_and_the_pull_succeeds() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/flaky");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    fake.set_faults(Faults {
+        manifest_status: Some((503, Vec::new())),
+        manifest_status_times: Some(std::sync::Arc::new(2.into())),
+        ..Default::default()
+    });
+    let id = pull(&daemon, &reference, None)
+        .await
+        .unwrap_or_else(|s| panic!("{}: {}", s.code(), s.message()));
+    assert_eq!(id, image.host().config.digest);
+    let manifest_gets = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/manifests/") && r.method == "GET")
+        .count();
+    assert!(
+        manifest_gets >= 3,
+        "two 503s, then the manifest: {manifest_gets}"
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("transient registry failure; retrying").count(),
+        2,
+        "{log}"
+    );
 }

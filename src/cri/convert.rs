@@ -343,6 +343,7 @@ mod tests {
             RegistryError::Unreachable {
                 host: "r.io".into(),
                 detail: "connection refused".into(),
+                transient: false,
             },
             // Protocol violations: a realm that is not a URL, a redirect we refuse.
             RegistryError::BadResponse {

@@ -12,7 +12,14 @@ use std::time::Duration;
 pub enum RegistryError {
     /// DNS, connect, TLS, or the connection dropped before a response came.
     #[error("registry {host} is unreachable: {detail}")]
-    Unreachable { host: String, detail: String },
+    Unreachable {
+        host: String,
+        detail: String,
+        /// The connection was made and then failed or went unanswered (a reset, a
+        /// timeout): worth a retry. A refused or unresolvable host is not: the next
+        /// source is tried at once.
+        transient: bool,
+    },
     /// The connection broke while a body was arriving.
     #[error("transfer from registry {host} was interrupted: {detail}")]
     Interrupted { host: String, detail: String },
@@ -114,6 +121,17 @@ impl RegistryError {
             | RegistryError::Interrupted { .. }
             | RegistryError::Stalled { .. }
             | RegistryError::TooManyRequests { .. } => true,
+            RegistryError::Server { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// Whether the same request may well succeed if sent again shortly: a dropped or
+    /// unanswered connection, 5xx, 429. Never 4xx, a refused connection, or a stall.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RegistryError::Unreachable { transient, .. } => *transient,
+            RegistryError::Interrupted { .. } | RegistryError::TooManyRequests { .. } => true,
             RegistryError::Server { status, .. } => *status >= 500,
             _ => false,
         }

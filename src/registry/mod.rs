@@ -98,6 +98,35 @@ pub struct FetchedManifest {
 /// than the descriptor's size yields `RegistryError::SizeMismatch`.
 pub type BlobStream = BoxStream<'static, Result<Bytes, RegistryError>>;
 
+/// How many times a transient failure is retried (so at most 4 tries in all).
+const RETRIES: u32 = 3;
+/// The first backoff; it doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The wait before retry number `retry` (0-based) after `error`: the registry's
+/// `Retry-After` when it gave a number of seconds, else 250 ms × 2^retry with ±50 %
+/// jitter (so many nodes retrying do not stay in step); capped by `cap`.
+fn retry_delay(retry: u32, error: &RegistryError, cap: Duration) -> Duration {
+    let delay = match error {
+        RegistryError::TooManyRequests {
+            retry_after: Some(RetryAfter::Delay(after)),
+            ..
+        } => (*after).min(MAX_RETRY_AFTER),
+        _ => {
+            let base = FIRST_BACKOFF * 2u32.pow(retry);
+            // Jitter from the clock's nanoseconds: spread, not secrecy, is the point.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let factor = 0.5 + f64::from(nanos % 1000) / 1000.0;
+            base.mul_f64(factor)
+        }
+    };
+    delay.min(cap)
+}
+
 /// The registry client; cheap to clone, shares its connections and token cache.
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -119,11 +148,55 @@ impl RegistryClient {
         })
     }
 
+    /// [`Self::get_once`], again after a transient failure (a dropped or unanswered
+    /// connection, 5xx, 429): up to [`RETRIES`] more times, waiting an exponential
+    /// backoff with jitter, or the registry's `Retry-After`, never longer than the
+    /// progress timeout. 4xx and refused connections are answered at once.
+    async fn get(
+        &self,
+        endpoint: &Endpoint,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+        credential: Option<&Credential>,
+        subject: &NotFound,
+    ) -> Result<http::Response<Incoming>, RegistryError> {
+        let mut retry = 0;
+        loop {
+            let result = self
+                .get_once(
+                    endpoint,
+                    repository,
+                    path,
+                    headers.clone(),
+                    credential,
+                    subject,
+                )
+                .await;
+            match result {
+                Err(e) if retry < RETRIES && e.is_retryable() => {
+                    let delay = retry_delay(retry, &e, self.inner.transport.idle_timeout());
+                    retry += 1;
+                    tracing::info!(
+                        registry = %endpoint.host,
+                        path,
+                        error = %e,
+                        retry,
+                        delay_ms = delay.as_millis() as u64,
+                        "transient registry failure; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// GETs `path` on the endpoint, authenticating as the registry asks: a first try
     /// with what we already hold, then, on a 401, one more with what the challenge
     /// wants. Any non-2xx answer left after that becomes a `RegistryError`.
     #[tracing::instrument(level = "debug", skip(self, headers, credential, subject), fields(host = %endpoint.host))]
-    async fn get(
+    async fn get_once(
         &self,
         endpoint: &Endpoint,
         repository: &str,
@@ -199,5 +272,66 @@ impl RegistryClient {
             }
         };
         error::from_status(&endpoint.host, status, &headers, &bytes, subject)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(status: u16) -> RegistryError {
+        RegistryError::Server {
+            host: "r.io".into(),
+            status,
+            code: None,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_honours_retry_after_within_caps() {
+        let cap = Duration::from_secs(60);
+        for retry in 0..3 {
+            let base = FIRST_BACKOFF * 2u32.pow(retry);
+            let d = retry_delay(retry, &server_error(503), cap);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "retry {retry}: {d:?}");
+        }
+        let limited = |secs| RegistryError::TooManyRequests {
+            host: "r.io".into(),
+            retry_after: Some(RetryAfter::Delay(Duration::from_secs(secs))),
+        };
+        assert_eq!(retry_delay(0, &limited(3), cap), Duration::from_secs(3));
+        assert_eq!(retry_delay(0, &limited(3600), cap), MAX_RETRY_AFTER);
+        assert_eq!(
+            retry_delay(2, &limited(3), Duration::from_secs(1)),
+            Duration::from_secs(1),
+            "never longer than the progress timeout"
+        );
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        assert!(server_error(503).is_retryable());
+        assert!(!server_error(404).is_retryable());
+        let unreachable = |transient| RegistryError::Unreachable {
+            host: "r.io".into(),
+            detail: String::new(),
+            transient,
+        };
+        assert!(unreachable(true).is_retryable());
+        assert!(
+            !unreachable(false).is_retryable(),
+            "a refused connection moves on at once"
+        );
+        let stalled = RegistryError::Stalled {
+            host: "r.io".into(),
+            what: "blob".into(),
+            received: 0,
+            why: String::new(),
+        };
+        assert!(
+            !stalled.is_retryable(),
+            "a stall already waited its whole deadline"
+        );
     }
 }

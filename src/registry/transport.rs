@@ -365,11 +365,13 @@ fn hop_error(url: &Url, e: HopError) -> RegistryError {
             RegistryError::Unreachable {
                 host: authority(url),
                 detail,
+                transient: !e.is_connect(),
             }
         }
         HopError::NoResponse(after) => RegistryError::Unreachable {
             host: authority(url),
             detail: format!("no response within {} s", after.as_secs()),
+            transient: true,
         },
     }
 }

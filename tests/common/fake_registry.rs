@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub struct Faults {
     /// Manifest GETs answer this status, with these extra headers and a distribution
     /// error body.
     pub manifest_status: Option<(u16, Vec<(String, String)>)>,
+    /// With `manifest_status`: how many manifest GETs get it (shared by clones of
+    /// these faults); after that, manifests are served. `None`: every one.
+    pub manifest_status_times: Option<Arc<AtomicUsize>>,
     /// Each of these blobs (digest, bytes) sends that many bytes, then stalls until
     /// [`FakeRegistry::release`] names it.
     pub stall_blobs: Vec<(String, usize)>,
@@ -326,7 +330,13 @@ impl State {
     }
 
     fn manifest(&self, repo: &str, reference: &str, faults: &Faults) -> Response<Body> {
-        if let Some((status, extra)) = &faults.manifest_status {
+        let faulty = faults.manifest_status.as_ref().filter(|_| {
+            faults.manifest_status_times.as_ref().is_none_or(|left| {
+                left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            })
+        });
+        if let Some((status, extra)) = faulty {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let code = match status {
                 StatusCode::TOO_MANY_REQUESTS => "TOOMANYREQUESTS",
