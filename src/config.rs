@@ -104,6 +104,9 @@ pub struct PullConfig {
     pub platform: String,
     /// Layers downloaded at once per pull.
     pub max_concurrent_downloads: usize,
+    /// Pulls running at once on the node; more wait in arrival order (kubelet's
+    /// `serializeImagePulls: false` sends them all at once). 0: no limit.
+    pub max_concurrent_pulls: usize,
     /// Seconds a pull's lease protects unreferenced content if the daemon dies mid-pull.
     pub lease_expiry_seconds: u64,
     /// A registry that sends nothing for this long (`"90s"`, `"1m"`, `"500ms"`) fails
@@ -120,6 +123,7 @@ impl Default for PullConfig {
         PullConfig {
             platform: String::new(),
             max_concurrent_downloads: 4,
+            max_concurrent_pulls: 0,
             lease_expiry_seconds: 86400,
             progress_timeout: "1m".into(),
             min_bytes_per_second: 0,

@@ -41,6 +41,8 @@ pub struct PullSettings {
     pub snapshotter: String,
     pub platform: PlatformSpec,
     pub max_concurrent_downloads: usize,
+    /// Pulls running at once on the node (others wait in arrival order); 0: no limit.
+    pub max_concurrent_pulls: usize,
     pub lease_expiry: Duration,
 }
 
@@ -209,6 +211,8 @@ struct Inner {
     keyring: Keyring,
     settings: PullSettings,
     inflight: Mutex<HashMap<String, SharedPull>>,
+    /// Node-wide pull slots (tokio's semaphore is fair: first come, first served).
+    slots: Option<tokio::sync::Semaphore>,
 }
 
 impl Puller {
@@ -227,6 +231,8 @@ impl Puller {
                 policy,
                 trust,
                 keyring,
+                slots: (settings.max_concurrent_pulls > 0)
+                    .then(|| tokio::sync::Semaphore::new(settings.max_concurrent_pulls)),
                 settings,
                 inflight: Mutex::new(HashMap::new()),
             }),
@@ -305,6 +311,7 @@ impl Puller {
                 let inner = self.inner.clone();
                 let task_key = key.clone();
                 let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
+                    let _slot = inner.slot(&reference).await;
                     let result = inner
                         .pull_once(&reference, auth.as_ref())
                         .await
@@ -373,6 +380,21 @@ struct Attempting<'a> {
 }
 
 impl Inner {
+    /// A node-wide pull slot, waited for in arrival order when all are taken.
+    async fn slot(&self, reference: &Reference) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let slots = self.slots.as_ref()?;
+        if let Ok(permit) = slots.try_acquire() {
+            return Some(permit);
+        }
+        tracing::info!(
+            image = %reference,
+            limit = self.settings.max_concurrent_pulls,
+            "all pull slots taken (pull.max_concurrent_pulls); waiting in line"
+        );
+        // The semaphore is never closed, so acquiring only waits.
+        slots.acquire().await.ok()
+    }
+
     #[tracing::instrument(skip_all, fields(image = %reference))]
     async fn pull_once(
         &self,

@@ -635,3 +635,85 @@ async fn transient_5xx_is_retried_with_backoff_and_the_pull_succeeds() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_wide_pull_limit_queues_the_rest_in_arrival_order() {
+    let fake = FakeRegistry::start();
+    // Three images with layers of their own, each stalled after 1 KiB.
+    let images: Vec<OciImage> = (0..3)
+        .map(|i| images::random_image(256 << 10, 1, &format!("q{i}")))
+        .collect();
+    let references: Vec<String> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| fake.serve_image(image, &format!("faults/q{i}")))
+        .collect();
+    let layers: Vec<String> = images.iter().map(big_layer).collect();
+    let containerd = containerd();
+    let daemon = daemon_with_pull(
+        &containerd,
+        &fake.insecure_entry(),
+        "max_concurrent_pulls = 2",
+    );
+    fake.set_faults(Faults {
+        stall_blobs: layers.iter().map(|l| (l.clone(), 1024)).collect(),
+        ..Default::default()
+    });
+    let mut pulls = Vec::new();
+    for reference in &references {
+        let mut client = daemon.client().await;
+        let request = cri::pull_request(reference, None);
+        pulls.push(tokio::spawn(
+            async move { client.pull_image(request).await },
+        ));
+    }
+    // Two pulls reach their stalled layers; the third waits for a slot and has not
+    // contacted the registry at all.
+    let started = || {
+        let seen = fake.requests();
+        (0..3)
+            .filter(|i| {
+                let repo = format!("/v2/faults/q{i}/");
+                seen.iter().any(|r| r.path.starts_with(&repo))
+            })
+            .count()
+    };
+    let downloading = || {
+        let seen = fake.requests();
+        layers
+            .iter()
+            .filter(|l| seen.iter().any(|r| r.path.ends_with(l.as_str())))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while downloading() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two pulls never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        started(),
+        2,
+        "a third pull contacted the registry: {:?}",
+        fake.requests()
+    );
+    assert!(
+        daemon.log().contains("all pull slots taken"),
+        "{}",
+        daemon.log()
+    );
+    for layer in &layers {
+        fake.release(layer);
+    }
+    for (pull, image) in pulls.into_iter().zip(&images) {
+        let id = pull
+            .await
+            .expect("pull task")
+            .expect("every queued pull completes");
+        assert_eq!(id.into_inner().image_ref, image.host().config.digest);
+    }
+    assert_eq!(started(), 3);
+}

@@ -118,6 +118,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         snapshotter: config.containerd.snapshotter.clone(),
         platform: platform.clone(),
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
+        max_concurrent_pulls: config.pull.max_concurrent_pulls,
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
     let policy_json = config.registry.policy_json.clone();
