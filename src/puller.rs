@@ -32,6 +32,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Manifests and configs above this size are refused.
 const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
+/// The most layers an image may have. Real images have tens; overlayfs itself stops
+/// stacking long before this.
+const MAX_LAYERS: usize = 1000;
 /// Times a blob download is resumed after the connection broke mid-body.
 const BLOB_RESUMES: usize = 3;
 
@@ -575,6 +578,16 @@ impl Inner {
                 format!(
                     "the config {} is {} bytes; at most {MAX_DOCUMENT_BYTES} are accepted",
                     manifest.config.digest, manifest.config.size
+                ),
+            ));
+        }
+        // Each layer becomes a snapshot: a hostile manifest must not make thousands.
+        if manifest.layers.len() > MAX_LAYERS {
+            return Err(self.invalid(
+                at,
+                format!(
+                    "the manifest lists {} layers; at most {MAX_LAYERS} are accepted",
+                    manifest.layers.len()
                 ),
             ));
         }

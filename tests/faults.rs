@@ -299,6 +299,33 @@ async fn error_statuses_schema1_and_inconsistent_images_map_to_their_codes() {
     );
     assert_nothing_left(&containerd, &[], "a manifest with an absurd config size");
 
+    // A manifest with more layers than any image has is refused before any blob.
+    let mut many = manifest.clone();
+    let layer = many["layers"][0].clone();
+    many["layers"] = serde_json::Value::Array(vec![layer; 1001]);
+    fake.put_manifest(
+        "faults/status",
+        "many-layers",
+        MEDIA_MANIFEST,
+        serde_json::to_vec(&many).expect("manifest JSON"),
+    );
+    let before = fake.requests().len();
+    let status = pull_fails(
+        &daemon,
+        cri::pull_request(&format!("{}/faults/status:many-layers", fake.host()), None),
+        Code::FailedPrecondition,
+    )
+    .await;
+    assert!(
+        status.message().contains("1001 layers; at most 1000"),
+        "{}",
+        status.message()
+    );
+    assert!(fake.requests()[before..]
+        .iter()
+        .all(|r| !r.path.contains("/blobs/")));
+    assert_nothing_left(&containerd, &[], "a manifest with 1001 layers");
+
     assert_serving(daemon.socket()).await;
     let id = pull(&daemon, &reference, None)
         .await
