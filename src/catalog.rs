@@ -9,14 +9,13 @@ use crate::digest::Digest;
 use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
 use crate::reference::ImageQuery;
-use crate::store::{FsUsage, ImageRecord, ImageStore, StoreError};
+use crate::store::{FsUsage, ImageRecord, ImageStore, StoreError, LABEL_PINNED};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// Manifests, indexes and configs above this size are refused.
 pub const MAX_DOCUMENT_BYTES: u64 = 8 << 20;
 /// containerd 1.7+ marks images kubelet must never garbage-collect with this label.
-pub const LABEL_PINNED: &str = "io.cri-containerd.pinned";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {

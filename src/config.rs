@@ -116,6 +116,10 @@ pub struct PullConfig {
     /// A blob arriving slower than this over a whole `progress_timeout` counts as
     /// stalled too (a trickle); 0 turns the check off.
     pub min_bytes_per_second: u64,
+    /// Images kubelet's image GC must keep (`Image.pinned`): references, normalised
+    /// (`busybox` is `docker.io/library/busybox:latest`), or globs over the full
+    /// reference (`registry.k8s.io/pause:*`).
+    pub pinned: Vec<String>,
 }
 
 impl Default for PullConfig {
@@ -127,6 +131,7 @@ impl Default for PullConfig {
             lease_expiry_seconds: 86400,
             progress_timeout: "1m".into(),
             min_bytes_per_second: 0,
+            pinned: Vec::new(),
         }
     }
 }

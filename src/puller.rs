@@ -16,7 +16,7 @@ use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::reload::Reloading;
 use crate::store::{
-    ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED,
+    ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED, LABEL_PINNED,
     LABEL_UNCOMPRESSED,
 };
 use crate::trust_policy::{Refusal, TrustPolicy};
@@ -47,6 +47,23 @@ pub struct PullSettings {
     /// Pulls running at once on the node (others wait in arrival order); 0: no limit.
     pub max_concurrent_pulls: usize,
     pub lease_expiry: Duration,
+    /// References or globs of images recorded as pinned (see `[pull] pinned`).
+    pub pinned: Vec<String>,
+}
+
+impl PullSettings {
+    /// Whether `image` is to be pinned: equal to a listed reference once normalised,
+    /// or matching a listed glob (`*`, `?`, `[...]`) over its full text.
+    pub fn is_pinned(&self, image: &Reference) -> bool {
+        let text = image.to_string();
+        self.pinned.iter().any(|pattern| {
+            if pattern.contains(['*', '?', '[']) {
+                crate::auth::matcher::glob_match(pattern, &text, true)
+            } else {
+                Reference::parse(pattern).is_ok_and(|r| &r == image)
+            }
+        })
+    }
 }
 
 /// A finished pull.
@@ -796,6 +813,9 @@ impl Inner {
         let names = record_names(at.image, &target.digest, &manifest.config.digest);
         let mut labels = Labels::new();
         labels.insert(LABEL_CRI_MANAGED.to_string(), "managed".to_string());
+        if self.settings.is_pinned(at.image) {
+            labels.insert(LABEL_PINNED.to_string(), "pinned".to_string());
+        }
         for name in names {
             let record = ImageRecord {
                 name,
@@ -910,13 +930,17 @@ impl Inner {
         target: &Digest,
         manifest: &Manifest,
     ) -> Result<bool, PullError> {
+        let pinned = self.settings.is_pinned(at.image);
         for name in record_names(at.image, target, &manifest.config.digest) {
             let record = self.store_call(at, self.store.get_image(&name)).await?;
+            let label = |r: &ImageRecord, key: &str, value: &str| {
+                r.labels.get(key).is_some_and(|v| v == value)
+            };
+            // A newly pinned image gets its records written again, with the label.
             let ours = record.is_some_and(|r| {
                 &r.target.digest == target
-                    && r.labels
-                        .get(LABEL_CRI_MANAGED)
-                        .is_some_and(|v| v == "managed")
+                    && label(&r, LABEL_CRI_MANAGED, "managed")
+                    && (!pinned || label(&r, LABEL_PINNED, "pinned"))
             });
             if !ours {
                 return Ok(false);
@@ -1169,4 +1193,26 @@ fn is_resumable(e: &RegistryError) -> bool {
         e,
         RegistryError::Interrupted { .. } | RegistryError::Unreachable { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_by_normalised_reference_or_glob() {
+        let settings = PullSettings {
+            snapshotter: "overlayfs".into(),
+            platform: PlatformSpec::host(),
+            max_concurrent_downloads: 1,
+            max_concurrent_pulls: 0,
+            lease_expiry: Duration::from_secs(60),
+            pinned: vec!["busybox".into(), "registry.k8s.io/pause:*".into()],
+        };
+        let pinned = |r: &str| settings.is_pinned(&Reference::parse(r).unwrap());
+        assert!(pinned("docker.io/library/busybox:latest"));
+        assert!(!pinned("busybox:1.36"));
+        assert!(pinned("registry.k8s.io/pause:3.9"));
+        assert!(!pinned("registry.k8s.io/pause-other:3.9"));
+    }
 }

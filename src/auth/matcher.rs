@@ -289,7 +289,7 @@ fn class_matches(class: &[char], c: char) -> bool {
 /// Glob match of a whole `text`. `*` matches any run of characters and `?` any one;
 /// unless `span_dots`, neither matches a '.' (kubelet matches one label at a time,
 /// where no '.' occurs, so this only matters in span-labels mode).
-fn glob_match(pattern: &str, text: &str, span_dots: bool) -> bool {
+pub(crate) fn glob_match(pattern: &str, text: &str, span_dots: bool) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     if validate_pattern(pattern).is_err() {

@@ -119,6 +119,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         platform: platform.clone(),
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
         max_concurrent_pulls: config.pull.max_concurrent_pulls,
+        pinned: config.pull.pinned.clone(),
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
     let policy_json = config.registry.policy_json.clone();

@@ -21,6 +21,9 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Label containerd's CRI puts on the images it manages.
 pub const LABEL_CRI_MANAGED: &str = "io.cri-containerd.image";
+/// Label (value `pinned`) marking an image kubelet's image GC must keep; containerd
+/// 1.7+'s CRI reads it too.
+pub const LABEL_PINNED: &str = "io.cri-containerd.pinned";
 /// Label holding the uncompressed digest (diff ID) of a layer blob.
 pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// Label asking containerd's GC to drop a lease (or ingest) after an RFC 3339 time.
