@@ -14,6 +14,35 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub pull: PullConfig,
     pub credentials: CredentialsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `info,cri_imaged=debug`. `RUST_LOG` and
+    /// `--log-level` take precedence.
+    pub level: String,
+    /// `text` (one human-readable line per event) or `json` (one JSON object per
+    /// line, for log shippers). `--log-format` takes precedence.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +389,18 @@ mod tests {
         let c = parse(text).unwrap();
         let d = Config::default();
         assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.server.rewrite_authority, d.server.rewrite_authority);
+        assert_eq!(c.registry.registries_conf_d, d.registry.registries_conf_d);
+        assert_eq!(c.registry.policy_json, d.registry.policy_json);
+        assert_eq!(c.registry.proxy, d.registry.proxy);
+        assert_eq!(c.registry.no_proxy, d.registry.no_proxy);
+        assert_eq!(c.registry.certs_d, d.registry.certs_d);
+        assert_eq!(c.pull.max_concurrent_pulls, d.pull.max_concurrent_pulls);
+        assert_eq!(c.pull.progress_timeout, d.pull.progress_timeout);
+        assert_eq!(c.pull.min_bytes_per_second, d.pull.min_bytes_per_second);
+        assert_eq!(c.pull.pinned, d.pull.pinned);
+        assert_eq!(c.log.level, d.log.level);
+        assert_eq!(c.log.format, d.log.format);
         assert_eq!(c.containerd.address, d.containerd.address);
         assert_eq!(c.containerd.direct_content, d.containerd.direct_content);
         assert_eq!(c.registry.registries_conf, d.registry.registries_conf);

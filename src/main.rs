@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use cri_imaged::config::Config;
+use cri_imaged::config::{Config, LogFormat};
 use cri_imaged::proto;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +18,13 @@ struct Cli {
     /// Configuration file (TOML); every key has a default.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log filter (`info`, `debug`, `info,cri_imaged=debug`); overrides `[log] level`,
+    /// and `RUST_LOG` overrides both.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    /// Log format; overrides `[log] format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -92,14 +99,18 @@ struct EndpointArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The `[log]` section, if the config loads; a broken config is reported later by
+    // the command that needs it, with logging already set up.
+    let log = cli
+        .config
+        .as_ref()
+        .and_then(|p| Config::load(p).ok())
+        .map(|c| c.log)
+        .unwrap_or_default();
+    init_logging(
+        cli.log_level.as_deref().unwrap_or(&log.level),
+        cli.log_format.unwrap_or(log.format),
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -131,6 +142,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Logs to stderr: `RUST_LOG`, else `level`; text (colour on a terminal) or JSON.
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|e| {
+            eprintln!("cri-imaged: log level {level:?}: {e}; using info");
+            tracing_subscriber::EnvFilter::new("info")
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }
 

@@ -346,7 +346,7 @@ impl DaemonConfig {
 
         let log = base.join("cri-imaged.log");
         let mut child = spawn_logged(
-            without_proxy_env(&mut Command::new(env!("CARGO_BIN_EXE_cri-imaged")))
+            without_runner_env(&mut Command::new(env!("CARGO_BIN_EXE_cri-imaged")))
                 .arg("--config")
                 .arg(&config)
                 .args(&self.args)
@@ -557,10 +557,12 @@ impl Drop for Daemon {
     }
 }
 
-/// `command` without the proxy variables of whoever runs the tests: every daemon
-/// talks to the loopback registries directly unless a test sets `[registry] proxy`.
-fn without_proxy_env(command: &mut Command) -> &mut Command {
+/// `command` without the variables of whoever runs the tests that would change what
+/// a daemon does: proxies (every daemon talks to the loopback registries directly
+/// unless a test sets `[registry] proxy`) and `RUST_LOG` (tests that want one set it).
+fn without_runner_env(command: &mut Command) -> &mut Command {
     for name in [
+        "RUST_LOG",
         "HTTPS_PROXY",
         "https_proxy",
         "HTTP_PROXY",
