@@ -730,3 +730,65 @@ async fn node_wide_pull_limit_queues_the_rest_in_arrival_order() {
     }
     assert_eq!(started(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_images_sharing_a_layer_fetch_it_once() {
+    let fake = FakeRegistry::start();
+    // Same busybox layer, different configs: two images, one shared blob.
+    let root = images::busybox().build();
+    let other = images::busybox()
+        .user(images::ImageUser::Uid("1000".into()))
+        .build();
+    assert_ne!(root.host().config.digest, other.host().config.digest);
+    let layer = big_layer(&root);
+    assert_eq!(layer, big_layer(&other));
+    let references = [
+        fake.serve_image(&root, "faults/shared-a"),
+        fake.serve_image(&other, "faults/shared-b"),
+    ];
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 4096)],
+        ..Default::default()
+    });
+    let mut pulls = Vec::new();
+    for reference in &references {
+        let mut client = daemon.client().await;
+        let request = cri::pull_request(reference, None);
+        pulls.push(tokio::spawn(
+            async move { client.pull_image(request).await },
+        ));
+    }
+    // Both pulls are under way (both configs fetched) before the layer moves on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = fake.requests();
+        let configs = [&root, &other]
+            .iter()
+            .filter(|i| {
+                seen.iter()
+                    .any(|r| r.path.ends_with(&i.host().config.digest))
+            })
+            .count();
+        if configs == 2 && seen.iter().any(|r| r.path.ends_with(&layer)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both pulls never started: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.release(&layer);
+    for pull in pulls {
+        pull.await.expect("pull task").expect("both pulls complete");
+    }
+    let layer_gets = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&layer) && r.method == "GET")
+        .count();
+    assert_eq!(layer_gets, 1, "the shared layer was fetched once");
+}
