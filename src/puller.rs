@@ -304,8 +304,11 @@ impl Puller {
     }
 
     /// The fully qualified references `name` may be stored under, most likely first.
+    /// A fully qualified name is answered without the policy files, so ImageStatus
+    /// of one costs no `stat` of registries.conf.
     pub fn stored_candidates(&self, name: &str) -> Result<Candidates, ShortNameError> {
-        self.inner.policy.get().stored_candidates(name)
+        Candidates::qualified(name)
+            .unwrap_or_else(|| self.inner.policy.get().stored_candidates(name))
     }
 
     /// Pulls `reference`. A pull of the same reference with the same request

@@ -53,6 +53,23 @@ pub struct Candidates {
     pub resolution: Resolution,
 }
 
+impl Candidates {
+    /// The one candidate of a name with a registry host, which no policy file
+    /// changes (so callers on hot paths need not look at the files); None for a
+    /// short name.
+    pub fn qualified(name: &str) -> Option<Result<Candidates, ShortNameError>> {
+        ShortName::of(name).is_none().then(|| qualified(name))
+    }
+}
+
+/// `name`, which has a registry host, as its one candidate.
+fn qualified(name: &str) -> Result<Candidates, ShortNameError> {
+    Ok(Candidates {
+        references: vec![Reference::parse(name)?],
+        resolution: Resolution::Qualified,
+    })
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShortNameError {
     #[error(transparent)]
@@ -86,10 +103,7 @@ impl Policy {
 
     fn resolve(&self, name: &str, enforce: bool) -> Result<Candidates, ShortNameError> {
         let Some(short) = ShortName::of(name) else {
-            return Ok(Candidates {
-                references: vec![Reference::parse(name)?],
-                resolution: Resolution::Qualified,
-            });
+            return qualified(name);
         };
         if let Some((target, file)) = self.aliases.get(short.repository()) {
             return Ok(Candidates {
