@@ -264,6 +264,60 @@ mod tests {
         assert!(!all.applies_to("quay.io", 443));
     }
 
+    /// A proxy that answers every CONNECT with `answer`; returns its address.
+    async fn proxy_answering(answer: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read_u8().await {
+                        Ok(b) => head.push(b),
+                        Err(_) => break,
+                    }
+                }
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refusing_the_tunnel_is_an_error_naming_it_without_credentials() {
+        let address = proxy_answering("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+        let proxy = ProxySettings::new(&format!("http://user:s3cret@{address}"), "")
+            .unwrap()
+            .map(Arc::new);
+        let mut connector = ProxyConnector::new(HttpConnector::new(), proxy);
+        let uri: Uri = "https://registry.example.com/v2/".parse().unwrap();
+        let error = tower::Service::call(&mut connector, uri)
+            .await
+            .err()
+            .expect("a refused tunnel fails")
+            .to_string();
+        assert!(
+            error.contains("refused CONNECT to registry.example.com:443")
+                && error.contains("407")
+                && !error.contains("s3cret"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_proxy_hosts_are_dialled_directly() {
+        // The proxy would refuse; a no_proxy host never asks it.
+        let address = proxy_answering("HTTP/1.1 403 Forbidden\r\n\r\n").await;
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = target.local_addr().unwrap().port();
+        let proxy = ProxySettings::new(&address, "127.0.0.1")
+            .unwrap()
+            .map(Arc::new);
+        let mut connector = ProxyConnector::new(HttpConnector::new(), proxy);
+        let uri: Uri = format!("http://127.0.0.1:{port}/v2/").parse().unwrap();
+        assert!(tower::Service::call(&mut connector, uri).await.is_ok());
+    }
+
     #[test]
     fn proxy_urls_and_their_credentials() {
         assert!(ProxySettings::new("", "").unwrap().is_none());
