@@ -291,11 +291,10 @@ mod tests {
             .map(Arc::new);
         let mut connector = ProxyConnector::new(HttpConnector::new(), proxy);
         let uri: Uri = "https://registry.example.com/v2/".parse().unwrap();
-        let error = tower::Service::call(&mut connector, uri)
-            .await
-            .err()
-            .expect("a refused tunnel fails")
-            .to_string();
+        let Err(error) = tower::Service::call(&mut connector, uri).await else {
+            panic!("a refused tunnel fails");
+        };
+        let error = error.to_string();
         assert!(
             error.contains("refused CONNECT to registry.example.com:443")
                 && error.contains("407")
