@@ -99,6 +99,9 @@ pub struct RegistryConfig {
     pub registries_conf_d: PathBuf,
     /// containers-policy.json(5) file; a missing file accepts every image.
     pub policy_json: PathBuf,
+    /// containers-registries.d(5): where signatures are read from (lookaside URLs,
+    /// `use-sigstore-attachments`); may be missing.
+    pub registries_d: PathBuf,
     /// HTTP proxy URL for registry and token traffic; empty: `HTTPS_PROXY` /
     /// `HTTP_PROXY` / `NO_PROXY` from the environment.
     pub proxy: String,
@@ -118,6 +121,7 @@ impl Default for RegistryConfig {
             registries_conf: PathBuf::from("/etc/containers/registries.conf"),
             registries_conf_d: PathBuf::from("/etc/containers/registries.conf.d"),
             policy_json: PathBuf::from("/etc/containers/policy.json"),
+            registries_d: PathBuf::from("/etc/containers/registries.d"),
             proxy: String::new(),
             no_proxy: String::new(),
             ca_dir: PathBuf::new(),

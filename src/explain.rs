@@ -35,7 +35,8 @@ pub async fn explain(config: &Config, image: &str) -> Result<Value, ExplainError
         &config.registry.registries_conf,
         Some(&config.registry.registries_conf_d),
     )?;
-    let trust = TrustPolicy::load(&config.registry.policy_json)?;
+    let trust =
+        TrustPolicy::load_with(&config.registry.policy_json, &config.registry.registries_d)?;
     let resolved = policy.candidates(image)?;
     let mut names = Vec::new();
     for reference in &resolved.references {
@@ -69,14 +70,30 @@ async fn candidate(
     reference: &Reference,
 ) -> Value {
     let (scope, _) = trust.scope_for(reference);
-    let verdict = json!({
+    let mut verdict = json!({
         "file": config.registry.policy_json,
         "scope": scope,
-        "verdict": match trust.check(reference) {
-            Ok(()) => "accepted".to_string(),
-            Err(refusal) => refusal.to_string(),
-        },
     });
+    match trust.check(reference) {
+        Ok(pending) if pending.is_empty() => verdict["verdict"] = json!("accepted"),
+        Ok(pending) => {
+            let signatures = trust.registries_d().sources_for(reference);
+            verdict["verdict"] =
+                json!("accepted only with a valid signature for every requirement");
+            verdict["requirements"] = json!(pending
+                .requirements
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>());
+            verdict["signatures"] = json!({
+                "registries_d": config.registry.registries_d,
+                "configured_by": signatures.configured_by,
+                "lookaside": signatures.lookaside.as_str(),
+                "sigstore_attachments": signatures.attachments,
+            });
+        }
+        Err(refusal) => verdict["verdict"] = json!(refusal.to_string()),
+    }
     let sources = match policy.sources(reference) {
         Ok(sources) => sources,
         Err(blocked) => {

@@ -42,6 +42,7 @@ pub mod reference;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod signature;
 pub mod store;
 pub mod trust_policy;
 

@@ -15,11 +15,12 @@ use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceK
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::reload::Reloading;
+use crate::signature::{self, registries_d::SignatureSources};
 use crate::store::{
     ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED, LABEL_PINNED,
     LABEL_UNCOMPRESSED,
 };
-use crate::trust_policy::{Refusal, TrustPolicy};
+use crate::trust_policy::{Pending, Refusal, TrustPolicy};
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
@@ -400,6 +401,15 @@ struct Attempting<'a> {
     image: &'a Reference,
     source: &'a Source,
     credential: Option<&'a Credential>,
+    signatures: &'a SignatureCheck,
+}
+
+/// policy.json's signature requirements for the image asked for, and where its
+/// signatures are read from (registries.d, for that name: a mirror serves the
+/// image, the name it is signed under stays the asked one).
+struct SignatureCheck {
+    pending: Pending,
+    sources: SignatureSources,
 }
 
 impl Inner {
@@ -427,12 +437,19 @@ impl Inner {
         let started = Instant::now();
         // policy.json judges the name that was asked for, before any registry is
         // contacted, as containers/image does.
-        self.trust.get().check(reference)?;
+        let trust = self.trust.get();
+        let signatures = SignatureCheck {
+            pending: trust.check(reference)?,
+            sources: trust.registries_d().sources_for(reference),
+        };
         let sources = self.policy.get().sources(reference)?;
         let mut failed: Vec<SourceFailure> = Vec::new();
         let count = sources.len();
         for (i, source) in sources.iter().enumerate() {
-            match self.pull_source(reference, auth, source, started).await {
+            match self
+                .pull_source(reference, auth, source, &signatures, started)
+                .await
+            {
                 Ok(pulled) => return Ok(pulled),
                 // A source that cannot serve the image hands over to the next one; the
                 // last source's error is the pull's, with every earlier one listed.
@@ -467,6 +484,7 @@ impl Inner {
         reference: &Reference,
         auth: Option<&RequestAuth>,
         source: &Source,
+        signatures: &SignatureCheck,
         started: Instant,
     ) -> Result<Pulled, PullError> {
         let mut attempts = Vec::new();
@@ -481,6 +499,7 @@ impl Inner {
                 image: reference,
                 source,
                 credential: candidate.credential.as_ref(),
+                signatures,
             };
             match self.pull_from(&attempt).await {
                 Ok(target) => {
@@ -590,6 +609,25 @@ impl Inner {
                     }))
                 }
             };
+        // Signatures are judged on the platform manifest, before anything is written.
+        if !at.signatures.pending.is_empty() {
+            let registry = signature::fetch::Registry {
+                client: &self.registry,
+                endpoint,
+                repository: repo,
+                credential: at.credential,
+            };
+            let accepted = signature::enforce(
+                &at.signatures.pending,
+                &at.signatures.sources,
+                &registry,
+                at.image,
+                &manifest_desc.digest,
+                &manifest_body,
+            )
+            .await?;
+            tracing::info!(image = %at.image, manifest = %manifest_desc.digest, accepted = ?accepted, "signatures verified");
+        }
         let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;
         // The config is read whole: refuse an absurd one before downloading it.
         if manifest.config.size > MAX_DOCUMENT_BYTES {

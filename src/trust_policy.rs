@@ -3,14 +3,20 @@
 //!
 //! Read: `default` and `transports.docker` scopes (a reference with tag or digest, a
 //! repository, each namespace above it, `host[:port]`, `*.domain` wildcards, and `""`
-//! for the whole transport), most specific first. Requirements: `insecureAcceptAnything`
-//! and `reject`. `signedBy` and `sigstoreSigned` need signature verification, which
-//! is not here yet: they refuse the image (fail closed), never accept it unchecked.
+//! for the whole transport), most specific first. Every requirement of the scope must
+//! hold: `insecureAcceptAnything`, `reject`, and the signature requirements
+//! `signedBy` and `sigstoreSigned` (parsed in [`crate::signature::requirement`],
+//! checked against the pulled manifest by [`crate::signature::verify`]).
+//! `signedBaseLayer` parses and refuses, as in containers/image.
 
 use crate::reference::Reference;
+use crate::signature::registries_d::{RegistriesD, RegistriesDError};
+use crate::signature::requirement::{self, SignedBy, SigstoreSigned};
 use serde::Deserialize;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustPolicyError {
@@ -32,28 +38,52 @@ pub enum TrustPolicyError {
         scope: String,
         why: String,
     },
+    #[error(transparent)]
+    RegistriesD(#[from] RegistriesDError),
 }
 
 #[derive(Debug, Deserialize)]
 struct File {
-    default: Option<Vec<RawRequirement>>,
+    default: Option<Vec<Value>>,
     #[serde(default)]
-    transports: HashMap<String, HashMap<String, Vec<RawRequirement>>>,
+    transports: HashMap<String, HashMap<String, Vec<Value>>>,
 }
 
-#[derive(Debug, Deserialize)]
-struct RawRequirement {
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-/// One policy requirement, as far as this module judges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One policy requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
     InsecureAcceptAnything,
     Reject,
-    /// `signedBy` (GPG simple signing) or `sigstoreSigned`: refused until verified.
-    Signature(&'static str),
+    /// A GPG simple signature (checked once the manifest is known).
+    SignedBy(Arc<SignedBy>),
+    /// A sigstore signature (checked once the manifest is known).
+    SigstoreSigned(Arc<SigstoreSigned>),
+    /// containers/image parses it and implements no check: it refuses, and so do we.
+    SignedBaseLayer,
+}
+
+impl Requirement {
+    /// Whether the requirement is about signatures (kubelet's SignatureValidationFailed).
+    pub fn is_signature(&self) -> bool {
+        matches!(
+            self,
+            Requirement::SignedBy(_)
+                | Requirement::SigstoreSigned(_)
+                | Requirement::SignedBaseLayer
+        )
+    }
+}
+
+impl std::fmt::Display for Requirement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Requirement::InsecureAcceptAnything => f.write_str("insecureAcceptAnything"),
+            Requirement::Reject => f.write_str("reject"),
+            Requirement::SignedBy(r) => r.fmt(f),
+            Requirement::SigstoreSigned(r) => r.fmt(f),
+            Requirement::SignedBaseLayer => f.write_str("signedBaseLayer"),
+        }
+    }
 }
 
 /// Why an image was refused.
@@ -64,12 +94,15 @@ pub struct Refusal {
     /// The scope whose requirements applied (`default` for the global default).
     pub scope: String,
     pub requirement: Requirement,
+    /// For a signature requirement checked against a manifest: the manifest digest
+    /// and why no signature was accepted.
+    pub verdict: Option<Box<(String, String)>>,
 }
 
 impl Refusal {
     /// Whether the refusal is about signatures (kubelet's SignatureValidationFailed).
     pub fn is_signature(&self) -> bool {
-        matches!(self.requirement, Requirement::Signature(_))
+        self.requirement.is_signature()
     }
 }
 
@@ -80,35 +113,60 @@ impl std::fmt::Display for Refusal {
         } else {
             format!("scope {:?}", self.scope)
         };
-        match self.requirement {
-            Requirement::Reject => write!(
-                f,
-                "{} is rejected by {scope} in policy.json {}",
-                self.image,
-                self.path.display()
-            ),
-            Requirement::Signature(kind) => write!(
-                f,
-                "{} needs a {kind} signature by {scope} in policy.json {}, and cri-imaged \
-                 does not verify signatures yet: refused rather than accepted unverified",
-                self.image,
-                self.path.display()
-            ),
-            Requirement::InsecureAcceptAnything => {
-                write!(f, "{} is accepted by {scope}", self.image)
+        let file = self.path.display();
+        match (&self.requirement, &self.verdict) {
+            (Requirement::Reject, _) => {
+                write!(
+                    f,
+                    "{} is rejected by {scope} in policy.json {file}",
+                    self.image
+                )
             }
+            (Requirement::SignedBaseLayer, _) => write!(
+                f,
+                "{} falls under {scope} in policy.json {file}, whose signedBaseLayer \
+                 requirement is not implemented (by containers/image either): refused",
+                self.image
+            ),
+            (requirement, Some(verdict)) => write!(
+                f,
+                "{} (manifest {}) is refused by {scope} in policy.json {file}: \
+                 requirement {requirement}: {}",
+                self.image, verdict.0, verdict.1
+            ),
+            (requirement, None) => write!(
+                f,
+                "{} is refused by {scope} in policy.json {file}: requirement {requirement}",
+                self.image
+            ),
         }
     }
 }
 
 impl std::error::Error for Refusal {}
 
-/// A loaded policy.json.
+/// What [`TrustPolicy::check`] leaves to be verified once the manifest is known.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    pub scope: String,
+    pub path: PathBuf,
+    /// Signature requirements, all of which must be met.
+    pub requirements: Vec<Requirement>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty()
+    }
+}
+
+/// A loaded policy.json, with the registries.d that says where signatures live.
 #[derive(Debug, Clone)]
 pub struct TrustPolicy {
     path: PathBuf,
     default: Vec<Requirement>,
     docker: HashMap<String, Vec<Requirement>>,
+    registries_d: RegistriesD,
 }
 
 impl TrustPolicy {
@@ -118,6 +176,7 @@ impl TrustPolicy {
             path: PathBuf::new(),
             default: vec![Requirement::InsecureAcceptAnything],
             docker: HashMap::new(),
+            registries_d: RegistriesD::default(),
         }
     }
 
@@ -136,6 +195,18 @@ impl TrustPolicy {
         }
     }
 
+    /// [`Self::load`], with signature sources from the registries.d directory `dir`.
+    pub fn load_with(path: &Path, dir: &Path) -> Result<TrustPolicy, TrustPolicyError> {
+        let mut policy = Self::load(path)?;
+        policy.registries_d = RegistriesD::load(dir)?;
+        Ok(policy)
+    }
+
+    /// Where signatures are read from.
+    pub fn registries_d(&self) -> &RegistriesD {
+        &self.registries_d
+    }
+
     pub fn parse(bytes: &[u8], path: &Path) -> Result<TrustPolicy, TrustPolicyError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let file: File = serde_path_to_error::deserialize(&mut de).map_err(|source| {
@@ -149,21 +220,37 @@ impl TrustPolicy {
             scope: scope.to_string(),
             why,
         };
-        let requirements = |scope: &str, raw: &[RawRequirement]| {
+        let requirements = |scope: &str, raw: &[Value]| {
             if raw.is_empty() {
                 // containers/image refuses an empty list rather than guess.
                 return Err(invalid(scope, "no requirements".into()));
             }
             raw.iter()
-                .map(|r| match r.kind.as_str() {
-                    "insecureAcceptAnything" => Ok(Requirement::InsecureAcceptAnything),
-                    "reject" => Ok(Requirement::Reject),
-                    "signedBy" => Ok(Requirement::Signature("signedBy")),
-                    "sigstoreSigned" => Ok(Requirement::Signature("sigstoreSigned")),
-                    other => Err(invalid(
-                        scope,
-                        format!("unknown requirement type {other:?}"),
-                    )),
+                .enumerate()
+                .map(|(i, r)| {
+                    let at = |why: String| invalid(&format!("{scope}[{i}]"), why);
+                    let kind = r
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| at("a requirement needs a \"type\"".into()))?;
+                    let only_type = || match r.as_object().map(|o| o.len()) {
+                        Some(1) => Ok(()),
+                        _ => Err(at(format!("{kind} takes no other members"))),
+                    };
+                    match kind {
+                        "insecureAcceptAnything" => {
+                            only_type().map(|_| Requirement::InsecureAcceptAnything)
+                        }
+                        "reject" => only_type().map(|_| Requirement::Reject),
+                        "signedBy" => requirement::signed_by(r)
+                            .map(|r| Requirement::SignedBy(Arc::new(r)))
+                            .map_err(at),
+                        "sigstoreSigned" => requirement::sigstore_signed(r)
+                            .map(|r| Requirement::SigstoreSigned(Arc::new(r)))
+                            .map_err(at),
+                        "signedBaseLayer" => Ok(Requirement::SignedBaseLayer),
+                        other => Err(at(format!("unknown requirement type {other:?}"))),
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
@@ -184,6 +271,7 @@ impl TrustPolicy {
             path: path.to_path_buf(),
             default,
             docker,
+            registries_d: RegistriesD::default(),
         })
     }
 
@@ -197,28 +285,42 @@ impl TrustPolicy {
         ("default", &self.default)
     }
 
-    /// Whether `reference` may be pulled: every requirement of its scope must hold.
-    pub fn check(&self, reference: &Reference) -> Result<(), Refusal> {
+    /// Whether `reference` may be pulled, as far as can be told before any registry
+    /// is contacted: a `reject` (or unimplemented) requirement refuses it now; the
+    /// signature requirements are returned, to be checked against the manifest.
+    pub fn check(&self, reference: &Reference) -> Result<Pending, Refusal> {
         let (scope, requirements) = self.scope_for(reference);
-        match requirements
-            .iter()
-            .find(|r| **r != Requirement::InsecureAcceptAnything)
-        {
-            None => Ok(()),
-            Some(requirement) => Err(Refusal {
-                image: reference.to_string(),
-                path: self.path.clone(),
-                scope: scope.to_string(),
-                requirement: *requirement,
-            }),
+        let refusal = |requirement: &Requirement| Refusal {
+            image: reference.to_string(),
+            path: self.path.clone(),
+            scope: scope.to_string(),
+            requirement: requirement.clone(),
+            verdict: None,
+        };
+        let mut pending = Pending {
+            scope: scope.to_string(),
+            path: self.path.clone(),
+            requirements: Vec::new(),
+        };
+        for requirement in requirements {
+            match requirement {
+                Requirement::InsecureAcceptAnything => {}
+                Requirement::Reject | Requirement::SignedBaseLayer => {
+                    return Err(refusal(requirement))
+                }
+                Requirement::SignedBy(_) | Requirement::SigstoreSigned(_) => {
+                    pending.requirements.push(requirement.clone())
+                }
+            }
         }
+        Ok(pending)
     }
 }
 
 /// The docker transport's scopes for `reference`, most specific first: the reference
 /// itself, its repository, each namespace above it, the host, `*.` wildcards of the
 /// host's parent domains, then `""`.
-fn scopes(reference: &Reference) -> Vec<String> {
+pub(crate) fn scopes(reference: &Reference) -> Vec<String> {
     let mut scopes = vec![reference.to_string()];
     let mut name = reference.name();
     loop {
@@ -248,8 +350,25 @@ mod tests {
     }
 
     fn verdict(p: &TrustPolicy, image: &str) -> Result<(), String> {
-        p.check(&Reference::parse(image).unwrap())
-            .map_err(|r| format!("{}:{:?}", r.scope, r.requirement))
+        match p.check(&Reference::parse(image).unwrap()) {
+            Ok(pending) if pending.is_empty() => Ok(()),
+            Ok(pending) => Err(format!(
+                "{}:{}",
+                pending.scope,
+                pending
+                    .requirements
+                    .iter()
+                    .map(|r| r
+                        .to_string()
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            )),
+            Err(r) => Err(format!("{}:{}", r.scope, r.requirement)),
+        }
     }
 
     #[test]
@@ -293,43 +412,36 @@ mod tests {
         assert_eq!(verdict(&p, "nginx"), Ok(()));
         assert_eq!(
             verdict(&p, "busybox"),
-            Err("docker.io/library/busybox:Reject".into())
+            Err("docker.io/library/busybox:reject".into())
         );
         assert_eq!(verdict(&p, "busybox:stable"), Ok(()));
         assert_eq!(verdict(&p, "registry.example.com/app"), Ok(()));
         assert_eq!(
             verdict(&p, "registry.example.com/private/app"),
-            Err("registry.example.com/private:Reject".into())
+            Err("registry.example.com/private:reject".into())
         );
-        assert_eq!(verdict(&p, "quay.io/other"), Err("default:Reject".into()));
+        assert_eq!(verdict(&p, "quay.io/other"), Err("default:reject".into()));
         assert_eq!(
             verdict(&p, "quay.io/signed/app"),
-            Err("quay.io/signed:Signature(\"signedBy\")".into())
+            Err("quay.io/signed:signedBy".into())
         );
         // Requirements are ANDed: accepting one does not waive the signature.
         assert_eq!(
             verdict(&p, "ghcr.io/x/y"),
-            Err("ghcr.io:Signature(\"sigstoreSigned\")".into())
+            Err("ghcr.io:sigstoreSigned".into())
         );
     }
 
     #[test]
     fn refusals_name_the_scope_file_and_reason() {
         let p = policy(
-            r#"{"default": [{"type": "insecureAcceptAnything"}], "transports": {"docker": {"quay.io": [{"type": "sigstoreSigned", "keyPath": "/k"}], "": [{"type": "insecureAcceptAnything"}], "bad.io": [{"type": "reject"}]}}}"#,
+            r#"{"default": [{"type": "insecureAcceptAnything"}], "transports": {"docker": {"quay.io": [{"type": "sigstoreSigned", "keyPath": "/k"}], "": [{"type": "insecureAcceptAnything"}], "bad.io": [{"type": "reject"}], "base.io": [{"type": "signedBaseLayer", "baseLayerIdentity": {"type": "matchExact"}}]}}}"#,
         );
-        let r = p
+        let pending = p
             .check(&Reference::parse("quay.io/a/b:1").unwrap())
-            .unwrap_err();
-        assert!(r.is_signature());
-        let text = r.to_string();
-        assert!(
-            text.contains("sigstoreSigned")
-                && text.contains("\"quay.io\"")
-                && text.contains("/etc/containers/policy.json")
-                && text.contains("refused rather than accepted unverified"),
-            "{text}"
-        );
+            .unwrap();
+        assert_eq!(pending.scope, "quay.io");
+        assert!(pending.requirements[0].is_signature());
         let r = p.check(&Reference::parse("bad.io/x").unwrap()).unwrap_err();
         assert!(!r.is_signature());
         assert!(
@@ -337,7 +449,38 @@ mod tests {
                 .contains("bad.io/x:latest is rejected by scope \"bad.io\""),
             "{r}"
         );
+        let r = p
+            .check(&Reference::parse("base.io/x").unwrap())
+            .unwrap_err();
+        assert!(
+            r.is_signature() && r.to_string().contains("signedBaseLayer"),
+            "{r}"
+        );
         assert_eq!(verdict(&p, "docker.io/x"), Ok(()));
+    }
+
+    #[test]
+    fn upstream_example_policy_parses() {
+        // containers/image's own example (keys are named, not read, at parse time).
+        let p = TrustPolicy::parse(
+            &std::fs::read(crate::signature::fixtures::path("policy.json")).unwrap(),
+            Path::new("policy.json"),
+        )
+        .unwrap();
+        assert_eq!(verdict(&p, "example.com/playground/x"), Ok(()));
+        assert_eq!(
+            verdict(&p, "example.com/production/x"),
+            Err("example.com/production:signedBy".into())
+        );
+        assert_eq!(
+            verdict(&p, "example.com/hardened/x"),
+            Err("example.com/hardened:signedBaseLayer".into())
+        );
+        assert_eq!(
+            verdict(&p, "example.com/sigstore/key-path-example"),
+            Err("example.com/sigstore/key-path-example:sigstoreSigned".into())
+        );
+        assert_eq!(verdict(&p, "quay.io/x"), Err("default:reject".into()));
     }
 
     #[test]
@@ -358,10 +501,10 @@ mod tests {
         assert_eq!(verdict(&p, "reg4.io/myrepo/myapp:latest"), Ok(()));
         assert_eq!(
             verdict(&p, "reg4.io/myrepo/myapp:v2"),
-            Err("default:Reject".into())
+            Err("default:reject".into())
         );
-        assert_eq!(verdict(&p, "busybox"), Err("default:Reject".into()));
-        assert_eq!(verdict(&p, "sub.quay.io/x"), Err("default:Reject".into()));
+        assert_eq!(verdict(&p, "busybox"), Err("default:reject".into()));
+        assert_eq!(verdict(&p, "sub.quay.io/x"), Err("default:reject".into()));
     }
 
     #[test]
@@ -386,6 +529,14 @@ mod tests {
                 "quay.io: no requirements",
             ),
             (r#"{"default": [{"kind": "reject"}]}"#, "default[0]"),
+            (
+                r#"{"default": [{"type": "reject", "x": 1}]}"#,
+                "default[0]: reject takes no other members",
+            ),
+            (
+                r#"{"default": [{"type": "signedBy", "keyType": "GPGKeys"}]}"#,
+                "default[0]: signedBy needs keyPath",
+            ),
         ] {
             let e = TrustPolicy::parse(json.as_bytes(), Path::new("/p.json"))
                 .unwrap_err()

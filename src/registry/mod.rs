@@ -12,6 +12,7 @@ mod blob;
 pub mod challenge;
 pub mod credential;
 pub mod error;
+mod lookaside;
 mod manifest;
 pub mod proxy;
 mod transport;

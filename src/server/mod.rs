@@ -122,13 +122,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         pinned: config.pull.pinned.clone(),
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
     };
-    let policy_json = config.registry.policy_json.clone();
-    let watched = policy_json.clone();
-    let trust = Reloading::new(
-        "policy.json",
-        move || vec![watched.clone()],
-        move || TrustPolicy::load(&policy_json),
-    )?;
+    let trust = trust_policy(config)?;
     let puller = Puller::new(store.clone(), registry, policy, trust, keyring, settings);
     let catalog = Arc::new(Catalog::new(store, platform));
     Ok(ImageServiceImpl::new(
@@ -136,6 +130,32 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         catalog,
         config.containerd.snapshotter.clone(),
     ))
+}
+
+/// policy.json and registries.d, reloaded when any of them changes.
+fn trust_policy(config: &Config) -> Result<Reloading<TrustPolicy>, ServerError> {
+    let (policy_json, dir) = (
+        config.registry.policy_json.clone(),
+        config.registry.registries_d.clone(),
+    );
+    let (watched_json, watched_dir) = (policy_json.clone(), dir.clone());
+    let watched = move || {
+        let mut paths = vec![watched_json.clone(), watched_dir.clone()];
+        paths.extend(files_in(&watched_dir));
+        paths
+    };
+    Ok(Reloading::new("policy.json", watched, move || {
+        TrustPolicy::load_with(&policy_json, &dir)
+    })?)
+}
+
+/// The entries of `dir`, in name order; none when it cannot be read.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
 }
 
 /// registries.conf and its drop-ins, reloaded when any of them changes.
@@ -147,12 +167,7 @@ fn registries_policy(config: &Config) -> Result<Reloading<Policy>, ServerError> 
     let (watched_conf, watched_dir) = (conf.clone(), dir.clone());
     let watched = move || {
         let mut paths = vec![watched_conf.clone(), watched_dir.clone()];
-        if let Ok(entries) = std::fs::read_dir(&watched_dir) {
-            let mut drop_ins: Vec<PathBuf> =
-                entries.filter_map(Result::ok).map(|e| e.path()).collect();
-            drop_ins.sort();
-            paths.extend(drop_ins);
-        }
+        paths.extend(files_in(&watched_dir));
         paths
     };
     Ok(Reloading::new("registries.conf", watched, move || {

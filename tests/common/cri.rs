@@ -73,6 +73,7 @@ pub struct DaemonConfig {
     rewrite_authority: Option<bool>,
     /// policy.json written next to the config; None: no file (every image accepted).
     policy_json: Option<String>,
+    registries_d: Vec<(String, String)>,
     /// (file name, text) written into `registries.conf.d/`.
     registries_drop_ins: Vec<(String, String)>,
     /// (path, PEM) written into the `certs_d` directory.
@@ -107,6 +108,7 @@ impl DaemonConfig {
             direct_content: None,
             rewrite_authority: None,
             policy_json: None,
+            registries_d: Vec::new(),
             registries_drop_ins: Vec::new(),
             certs_d_files: Vec::new(),
             proxy: None,
@@ -191,6 +193,13 @@ impl DaemonConfig {
     pub fn registries_drop_in(mut self, name: &str, toml: &str) -> DaemonConfig {
         self.registries_drop_ins
             .push((name.to_owned(), toml.to_owned()));
+        self
+    }
+
+    /// A `registries.d/NAME` file (containers-registries.d(5)): where the daemon
+    /// reads signatures. Without one the directory is empty (never the host's).
+    pub fn registries_d(mut self, name: &str, yaml: &str) -> DaemonConfig {
+        self.registries_d.push((name.to_owned(), yaml.to_owned()));
         self
     }
 
@@ -333,6 +342,13 @@ impl DaemonConfig {
                 std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
             }
         }
+        let registries_d = base.join("registries.d");
+        std::fs::create_dir_all(&registries_d)
+            .ctx(|| format!("creating {}", registries_d.display()))?;
+        for (name, text) in &self.registries_d {
+            let path = registries_d.join(name);
+            std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
+        }
         if let Some(json) = &self.policy_json {
             let path = base.join("policy.json");
             std::fs::write(&path, json).ctx(|| format!("writing {}", path.display()))?;
@@ -417,7 +433,7 @@ impl DaemonConfig {
         kubelet_root: &Path,
     ) -> String {
         let mut text = format!(
-            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nca_dir = \"{}\"\ncerts_d = \"{}\"\n{}\n[credentials]\nkubelet_root_dir = \"{}\"\n",
+            "[server]\nlisten = \"{}\"\n{}\n[containerd]\naddress = \"{}\"\nnamespace = \"{NAMESPACE}\"\nsnapshotter = \"{}\"\n{}\n[registry]\nregistries_conf = \"{}\"\nregistries_conf_d = \"{}\"\npolicy_json = \"{}\"\nregistries_d = \"{}\"\nca_dir = \"{}\"\ncerts_d = \"{}\"\n{}\n[credentials]\nkubelet_root_dir = \"{}\"\n",
             socket.display(),
             self.rewrite_authority
                 .map(|r| format!("rewrite_authority = {r}\n"))
@@ -430,6 +446,7 @@ impl DaemonConfig {
             registries_conf.display(),
             registries_conf.with_file_name("registries.conf.d").display(),
             registries_conf.with_file_name("policy.json").display(),
+            registries_conf.with_file_name("registries.d").display(),
             ca_dir.display(),
             ca_dir.with_file_name("certs.d").display(),
             self.proxy

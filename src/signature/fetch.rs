@@ -1,0 +1,205 @@
+//! Reading the stored signatures of one manifest: `signature-1`, `signature-2`, … from
+//! lookaside storage until the first missing one, and, where registries.d enables
+//! them, the sigstore attachments on the registry (`sha256-<hex>.sig`, one layer per
+//! signature). Everything is bounded: a hostile store cannot make us hold more than
+//! [`MAX_SIGNATURES`] × [`MAX_SIGNATURE_BYTES`].
+
+use super::registries_d::SignatureSources;
+use super::Signature;
+use crate::digest::Digest;
+use crate::oci::{Descriptor, Manifest};
+use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use futures_util::StreamExt;
+
+/// Signatures read per manifest and source, at most.
+pub const MAX_SIGNATURES: usize = 128;
+/// One signature (or payload) at most: containers/image's limit.
+pub const MAX_SIGNATURE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot read signature {url}: {source}")]
+    Lookaside {
+        url: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("cannot read signature {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signature {path} is larger than {MAX_SIGNATURE_BYTES} bytes")]
+    FileTooLarge { path: String },
+    #[error("cannot read sigstore attachments {tag} from registry {host}: {source}")]
+    Attachments {
+        host: String,
+        tag: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("sigstore attachments {tag} on registry {host}: {why}")]
+    BadAttachments {
+        host: String,
+        tag: String,
+        why: String,
+    },
+}
+
+/// The registry repository that served the image: where attachments are read.
+pub struct Registry<'a> {
+    pub client: &'a RegistryClient,
+    pub endpoint: &'a Endpoint,
+    pub repository: &'a str,
+    pub credential: Option<&'a Credential>,
+}
+
+/// What was read, and where from (named in errors when nothing was found).
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub signatures: Vec<Signature>,
+    /// Stored signatures that could not be read as any format, with the reason.
+    pub unreadable: Vec<String>,
+    pub looked_in: Vec<String>,
+}
+
+/// Reads every signature of `digest` from the configured sources.
+pub async fn fetch(
+    sources: &SignatureSources,
+    registry: &Registry<'_>,
+    digest: &Digest,
+) -> Result<Fetched, FetchError> {
+    let mut fetched = Fetched::default();
+    fetched.looked_in.push(format!(
+        "lookaside {} ({})",
+        sources.signature_url(digest, 1),
+        sources.configured_by
+    ));
+    for n in 1..=MAX_SIGNATURES {
+        let url = sources.signature_url(digest, n);
+        let Some(bytes) = read_lookaside(registry.client, &url).await? else {
+            break;
+        };
+        match Signature::from_stored(&bytes) {
+            Ok(sig) => fetched.signatures.push(sig),
+            Err(why) => fetched.unreadable.push(format!("{url}: {why}")),
+        }
+    }
+    if sources.attachments {
+        let tag = format!("{}-{}.sig", digest.algorithm(), digest.hex());
+        fetched.looked_in.push(format!(
+            "sigstore attachments {}/{}:{tag}",
+            registry.endpoint.host, registry.repository
+        ));
+        attachments(registry, &tag, &mut fetched).await?;
+    } else {
+        fetched.looked_in.push(format!(
+            "no sigstore attachments (registries.d sets no use-sigstore-attachments: true; {})",
+            sources.configured_by
+        ));
+    }
+    Ok(fetched)
+}
+
+async fn read_lookaside(
+    client: &RegistryClient,
+    url: &url::Url,
+) -> Result<Option<Vec<u8>>, FetchError> {
+    if url.scheme() == "file" {
+        let path = url.path().to_string();
+        let file_err = |source| FetchError::File {
+            path: path.clone(),
+            source,
+        };
+        return match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(file_err(e)),
+            Ok(meta) if meta.len() > MAX_SIGNATURE_BYTES as u64 => {
+                Err(FetchError::FileTooLarge { path })
+            }
+            Ok(_) => std::fs::read(&path).map(Some).map_err(file_err),
+        };
+    }
+    client
+        .fetch_lookaside(url, MAX_SIGNATURE_BYTES)
+        .await
+        .map(|b| b.map(|b| b.to_vec()))
+        .map_err(|source| FetchError::Lookaside {
+            url: url.to_string(),
+            source,
+        })
+}
+
+async fn attachments(
+    registry: &Registry<'_>,
+    tag: &str,
+    fetched: &mut Fetched,
+) -> Result<(), FetchError> {
+    let host = &registry.endpoint.host;
+    let err = |source| FetchError::Attachments {
+        host: host.clone(),
+        tag: tag.to_string(),
+        source,
+    };
+    let bad = |why: String| FetchError::BadAttachments {
+        host: host.clone(),
+        tag: tag.to_string(),
+        why,
+    };
+    let manifest = match registry
+        .client
+        .fetch_manifest(
+            registry.endpoint,
+            registry.repository,
+            tag,
+            registry.credential,
+        )
+        .await
+    {
+        Ok(m) => m,
+        Err(RegistryError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(err(e)),
+    };
+    let manifest: Manifest = serde_json::from_slice(&manifest.body)
+        .map_err(|e| bad(format!("not an image manifest: {e}")))?;
+    if manifest.layers.len() > MAX_SIGNATURES {
+        return Err(bad(format!(
+            "{} layers; at most {MAX_SIGNATURES} signatures are read",
+            manifest.layers.len()
+        )));
+    }
+    for layer in &manifest.layers {
+        if layer.size > MAX_SIGNATURE_BYTES as u64 {
+            return Err(bad(format!(
+                "layer {} is {} bytes; at most {MAX_SIGNATURE_BYTES} are read",
+                layer.digest, layer.size
+            )));
+        }
+        let payload = read_blob(registry, layer).await.map_err(err)?;
+        fetched.signatures.push(Signature::Sigstore {
+            mime_type: layer.media_type.clone(),
+            payload,
+            annotations: layer.annotations.clone().unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+async fn read_blob(registry: &Registry<'_>, layer: &Descriptor) -> Result<Vec<u8>, RegistryError> {
+    let mut stream = registry
+        .client
+        .fetch_blob(
+            registry.endpoint,
+            registry.repository,
+            layer,
+            0,
+            registry.credential,
+        )
+        .await?;
+    let mut out = Vec::with_capacity(layer.size as usize);
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
