@@ -1,7 +1,7 @@
 //! policy.json (containers-policy.json(5)) against a real registry and containerd:
-//! scopes by host and by repository, the default, and signature requirements that
-//! refuse (fail closed) until signatures are verified. A refused pull contacts no
-//! registry and leaves nothing in containerd.
+//! scopes by host and by repository, the default, and a signature requirement whose
+//! key cannot be read (it fails closed). A rejected pull contacts no registry and
+//! leaves nothing in containerd. Verified signatures: `tests/signatures.rs`.
 
 mod common;
 
@@ -63,7 +63,7 @@ async fn repository_scope_accepts_inside_a_rejected_host_and_rejections_name_sco
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signature_requirements_fail_closed_with_kubelets_reason() {
+async fn a_signature_requirement_whose_key_is_missing_fails_closed_with_kubelets_reason() {
     let (containerd, registry) = start(Registry::open);
     let image = images::busybox()
         .tag("1")
@@ -83,7 +83,8 @@ async fn signature_requirements_fail_closed_with_kubelets_reason() {
     assert!(
         status.message().starts_with("SignatureValidationFailed: ")
             && status.message().contains("signedBy")
-            && status.message().contains(&format!("\"{host}/signed\"")),
+            && status.message().contains(&format!("\"{host}/signed\""))
+            && status.message().contains("cannot read /etc/pki/key.gpg"),
         "{}",
         status.message()
     );

@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod records;
 pub mod registry;
 pub mod scenario;
+pub mod signing;
 pub mod tls;
 pub mod token;
 
