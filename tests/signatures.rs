@@ -93,6 +93,15 @@ async fn gpg_signatures_from_an_http_lookaside_agree_with_skopeo() {
         &key,
         &staging,
     );
+    // A multi-arch image: skopeo --all --sign-by signs the index and every platform
+    // manifest; the platform manifest's signature is the one checked.
+    let multi = signing::push_gpg_signed(
+        &images::multi_arch("1"),
+        &registry,
+        "team/multi",
+        &key,
+        &staging,
+    );
     // A good signature by the trusted key, but of another manifest.
     let wrong_digest = app("wrong digest").push(&registry, "team/wrong-digest");
     let elsewhere_signed = key
@@ -148,6 +157,7 @@ async fn gpg_signatures_from_an_http_lookaside_agree_with_skopeo() {
         (&unsigned.reference, false),
         (&mismatch.reference, false),
         (&wrong_digest.reference, false),
+        (&multi.reference, true),
         (&rejected.reference, false),
     ] {
         let verdict = skopeo(image);
@@ -213,6 +223,26 @@ async fn gpg_signatures_from_an_http_lookaside_agree_with_skopeo() {
         .any(|r| r.path.contains("team/rejected")));
 
     let skopeo_requests = lookaside.requests().len();
+    assert_eq!(
+        pull_ok(&daemon, &multi.reference, None).await,
+        multi.config_digest
+    );
+    let platform = multi
+        .manifests
+        .iter()
+        .find(|m| m.platform == images::host_platform())
+        .unwrap();
+    let platform_signature = format!(
+        "/team/multi@{}/signature-1",
+        platform.manifest.digest.replace(':', "=")
+    );
+    assert!(
+        lookaside.requests()[skopeo_requests..]
+            .iter()
+            .any(|r| r.path == platform_signature && r.status == 200),
+        "{:?}",
+        lookaside.requests()
+    );
     assert_eq!(
         pull_ok(&daemon, &signed.reference, None).await,
         signed.config_digest
@@ -338,6 +368,43 @@ async fn cosign_signatures_from_registry_attachments_and_through_a_mirror() {
         ],
     )
     .await;
+
+    // Multi-arch: the signature of the index does not stand for the platform's.
+    let multi = images::multi_arch("1").push(registry, "team/multi");
+    signing::sign_sigstore(
+        registry,
+        "team/multi",
+        &multi.digest,
+        &format!("{host}/team/multi"),
+        key.key_pair(),
+    );
+    let platform = multi
+        .manifests
+        .iter()
+        .find(|m| m.platform == images::host_platform())
+        .unwrap();
+    refused(
+        &daemon,
+        &containerd,
+        &[],
+        &multi.reference,
+        &[&format!(
+            "team/multi:sha256-{}.sig",
+            platform.manifest.digest.trim_start_matches("sha256:")
+        )],
+    )
+    .await;
+    signing::sign_sigstore(
+        registry,
+        "team/multi",
+        &platform.manifest.digest,
+        &format!("{host}/team/multi"),
+        key.key_pair(),
+    );
+    assert_eq!(
+        pull_ok(&daemon, &multi.reference, None).await,
+        multi.config_digest
+    );
 
     let decision = explain(daemon.config_path(), &signed.reference).0;
     let requirement = decision["policy"]["requirements"][0]

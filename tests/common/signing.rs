@@ -293,7 +293,7 @@ pub fn push_gpg_signed(
 
 /// [`push_gpg_signed`] with an explicit tag and, optionally, a signed identity other
 /// than `HOST/REPO:TAG` (`--sign-identity`, a full docker reference). For an index,
-/// only the index is signed.
+/// skopeo (`--all`) signs the index and every platform manifest.
 pub fn try_push_gpg_signed(
     image: &OciImage,
     registry: &Registry,
