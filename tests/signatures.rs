@@ -10,6 +10,7 @@
 mod common;
 
 use common::cri::{explain, DaemonConfig};
+use common::fake_registry::FakeRegistry;
 use common::images;
 use common::leftovers::{assert_nothing_left, assert_serving};
 use common::registry::Registry;
@@ -464,4 +465,78 @@ async fn attachments_are_read_only_where_registries_d_enables_them() {
         &["no signature found", "use-sigstore-attachments"],
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosign_signatures_found_through_the_oci_referrers_api() {
+    // docker-registry 2.8 has no referrers API: the in-process registry offers it.
+    let containerd = common::scenario::containerd_without_cri();
+    let fake = FakeRegistry::start();
+    let host = fake.host();
+    let image = app("referred");
+    let reference = fake.serve_image(&image, "team/app");
+    let subject = image.host().manifest.clone();
+    let key = CosignKey::generate();
+    let keys = tempfile::tempdir().unwrap();
+    let key_path = keys.path().join("cosign.pub");
+    key.write_public_key(&key_path).unwrap();
+    let signature =
+        CosignSignature::sign(key.key_pair(), &format!("{host}/team/app"), &subject.digest)
+            .unwrap();
+    let payload_size = signature.payload.len();
+    let payload = fake.put_blob(signature.payload.clone());
+    let config = fake.put_blob(b"{}".to_vec());
+    let artifact = "application/vnd.dev.cosign.artifact.sig.v1+json";
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": artifact,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": payload,
+            "size": payload_size,
+            "annotations": signature.annotations,
+        }],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
+    });
+    fake.put_referrer(
+        "team/app",
+        &subject.digest,
+        artifact,
+        manifest.to_string().into_bytes(),
+    );
+    let policy = json!({
+        "default": [{"type": "reject"}],
+        "transports": {"docker": {
+            host.clone(): [{"type": "sigstoreSigned", "keyPath": key_path, "signedIdentity": {"type": "matchRepository"}}],
+        }}
+    })
+    .to_string();
+    let daemon = DaemonConfig::new(&containerd)
+        .registries_conf(&fake.insecure_entry())
+        .policy_json(&policy)
+        .registries_d(
+            "sigstore.yaml",
+            &format!("docker:\n  \"{host}\":\n    use-sigstore-attachments: true\n"),
+        )
+        .start();
+    assert_eq!(
+        pull_ok(&daemon, &reference, None).await,
+        image.host().config.digest
+    );
+    let seen: Vec<(String, u16)> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("sha256-") || r.path.contains("/referrers/"))
+        .map(|r| (r.path, r.status))
+        .collect();
+    let hex = subject.digest.trim_start_matches("sha256:");
+    assert_eq!(
+        seen,
+        [
+            (format!("/v2/team/app/manifests/sha256-{hex}.sig"), 404),
+            (format!("/v2/team/app/referrers/{}", subject.digest), 200),
+        ]
+    );
 }

@@ -15,6 +15,7 @@ pub mod error;
 mod lookaside;
 mod manifest;
 pub mod proxy;
+pub mod referrers;
 mod transport;
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Reading the stored signatures of one manifest: `signature-1`, `signature-2`, … from
 //! lookaside storage until the first missing one, and, where registries.d enables
-//! them, the sigstore attachments on the registry (`sha256-<hex>.sig`, one layer per
-//! signature). Everything is bounded: a hostile store cannot make us hold more than
+//! them, the sigstore attachments on the registry: the `sha256-<hex>.sig` tag and,
+//! when the registry offers the OCI referrers API, every referrer whose
+//! `artifactType` is cosign's signature type (one layer per signature in both). Everything is bounded: a hostile store cannot make us hold more than
 //! [`MAX_SIGNATURES`] × [`MAX_SIGNATURE_BYTES`].
 
 use super::registries_d::SignatureSources;
@@ -13,6 +14,8 @@ use futures_util::StreamExt;
 
 /// Signatures read per manifest and source, at most.
 pub const MAX_SIGNATURES: usize = 128;
+/// The `artifactType` of a cosign signature manifest stored as a referrer.
+pub const COSIGN_SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
 /// One signature (or payload) at most: containers/image's limit.
 pub const MAX_SIGNATURE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -92,7 +95,8 @@ pub async fn fetch(
             "sigstore attachments {}/{}:{tag}",
             registry.endpoint.host, registry.repository
         ));
-        attachments(registry, &tag, &mut fetched).await?;
+        attachments(registry, &tag, &tag, &mut fetched).await?;
+        referrers(registry, digest, &mut fetched).await?;
     } else {
         fetched.looked_in.push(format!(
             "no sigstore attachments (registries.d sets no use-sigstore-attachments: true; {})",
@@ -131,8 +135,49 @@ async fn read_lookaside(
         })
 }
 
+/// The signature manifests that name `digest` as their subject, when the registry
+/// offers the referrers API; a registry without it answers 404 and is skipped.
+async fn referrers(
+    registry: &Registry<'_>,
+    digest: &Digest,
+    fetched: &mut Fetched,
+) -> Result<(), FetchError> {
+    let what = format!("referrers of {digest}");
+    let found = registry
+        .client
+        .fetch_referrers(
+            registry.endpoint,
+            registry.repository,
+            digest,
+            COSIGN_SIGNATURE_ARTIFACT,
+            registry.credential,
+        )
+        .await
+        .map_err(|source| FetchError::Attachments {
+            host: registry.endpoint.host.clone(),
+            tag: what.clone(),
+            source,
+        })?;
+    let Some(found) = found else {
+        return Ok(());
+    };
+    fetched.looked_in.push(format!(
+        "OCI referrers of {digest} on {}/{} ({} signature manifest(s))",
+        registry.endpoint.host,
+        registry.repository,
+        found.len()
+    ));
+    for referrer in found.iter().take(MAX_SIGNATURES) {
+        attachments(registry, &referrer.digest.to_string(), &what, fetched).await?;
+    }
+    Ok(())
+}
+
+/// Reads the signature manifest `reference` (a tag or digest); `what` names it in
+/// errors. A missing manifest holds no signatures.
 async fn attachments(
     registry: &Registry<'_>,
+    reference: &str,
     tag: &str,
     fetched: &mut Fetched,
 ) -> Result<(), FetchError> {
@@ -152,7 +197,7 @@ async fn attachments(
         .fetch_manifest(
             registry.endpoint,
             registry.repository,
-            tag,
+            reference,
             registry.credential,
         )
         .await

@@ -82,6 +82,10 @@ struct State {
     blobs: Mutex<HashMap<String, Bytes>>,
     /// (repository, tag or digest) → (media type, body).
     manifests: Mutex<HashMap<(String, String), (String, Bytes)>>,
+    /// The OCI referrers API, once a referrer was added: (repository, subject digest)
+    /// → descriptors of the manifests that refer to it. `None`: 404, as registries
+    /// without the API answer.
+    referrers: Mutex<Option<HashMap<(String, String), Vec<serde_json::Value>>>>,
     faults: Mutex<Faults>,
     dropped_once: Mutex<bool>,
     requests: Mutex<Vec<SeenRequest>>,
@@ -111,6 +115,7 @@ impl FakeRegistry {
         let state = Arc::new(State {
             blobs: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            referrers: Mutex::new(None),
             faults: Mutex::new(Faults::default()),
             dropped_once: Mutex::new(false),
             requests: Mutex::new(Vec::new()),
@@ -193,6 +198,34 @@ impl FakeRegistry {
             (repo.to_owned(), reference.to_owned()),
             (media_type.to_owned(), body),
         );
+        digest
+    }
+
+    /// Serves `body` (an OCI image manifest with `artifactType`) by digest in `repo`
+    /// and lists it among the referrers of `subject`, with `artifact_type`. From then
+    /// on the fake offers the referrers API. Returns the manifest digest.
+    pub fn put_referrer(
+        &self,
+        repo: &str,
+        subject: &str,
+        artifact_type: &str,
+        body: Vec<u8>,
+    ) -> String {
+        let media_type = "application/vnd.oci.image.manifest.v1+json";
+        let size = body.len();
+        let digest = sha256(&body);
+        self.put_manifest(repo, &digest, media_type, body);
+        let descriptor = serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
+            "artifactType": artifact_type,
+        });
+        lock(&self.state.referrers)
+            .get_or_insert_with(HashMap::new)
+            .entry((repo.to_owned(), subject.to_owned()))
+            .or_default()
+            .push(descriptor);
         digest
     }
 
@@ -325,6 +358,24 @@ impl State {
         }
         if let Some((repo, digest)) = split(path, "/blobs/") {
             return self.blob(repo, digest, &faults, headers);
+        }
+        if let Some((repo, digest)) = split(path, "/referrers/") {
+            if let Some(all) = lock(&self.referrers).as_ref() {
+                let manifests = all
+                    .get(&(repo.to_owned(), digest.to_owned()))
+                    .cloned()
+                    .unwrap_or_default();
+                let index = serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": manifests,
+                });
+                return full(
+                    StatusCode::OK,
+                    "application/vnd.oci.image.index.v1+json",
+                    Bytes::from(index.to_string()),
+                );
+            }
         }
         error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown path")
     }
