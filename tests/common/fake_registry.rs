@@ -23,6 +23,8 @@ use super::images::OciImage;
 use super::{IoContext, Result};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+/// (repository, subject digest) → descriptors of the manifests referring to it.
+type Referrers = HashMap<(String, String), Vec<serde_json::Value>>;
 
 /// How the fake misbehaves; switch with [`FakeRegistry::set_faults`]. The default
 /// serves everything correctly without authentication. No `Debug`: it holds a
@@ -85,7 +87,7 @@ struct State {
     /// The OCI referrers API, once a referrer was added: (repository, subject digest)
     /// → descriptors of the manifests that refer to it. `None`: 404, as registries
     /// without the API answer.
-    referrers: Mutex<Option<HashMap<(String, String), Vec<serde_json::Value>>>>,
+    referrers: Mutex<Option<Referrers>>,
     faults: Mutex<Faults>,
     dropped_once: Mutex<bool>,
     requests: Mutex<Vec<SeenRequest>>,
