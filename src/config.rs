@@ -153,6 +153,11 @@ pub struct PullConfig {
     /// (`busybox` is `docker.io/library/busybox:latest`), or globs over the full
     /// reference (`registry.k8s.io/pause:*`).
     pub pinned: Vec<String>,
+    /// Images pulled at start-up, in the background, retried until they are in
+    /// (backoff from 1 s to 5 min): the sandbox (pause) image, which containerd would
+    /// otherwise pull itself, and whatever the node must have before pods land.
+    /// Names as kubelet sends them; short names resolve through registries.conf.
+    pub prepull: Vec<String>,
 }
 
 impl Default for PullConfig {
@@ -165,6 +170,7 @@ impl Default for PullConfig {
             progress_timeout: "1m".into(),
             min_bytes_per_second: 0,
             pinned: Vec::new(),
+            prepull: Vec::new(),
         }
     }
 }
@@ -302,6 +308,13 @@ impl Config {
             .pull
             .progress_timeout()
             .map_err(|why| invalid("pull.progress_timeout", why))?;
+        for name in &config.pull.prepull {
+            let qualified = crate::reference::Reference::parse(name);
+            if qualified.is_err() && crate::reference::ShortName::of(name).is_none() {
+                let why = qualified.err().map(|e| e.to_string()).unwrap_or_default();
+                return Err(invalid("pull.prepull", why));
+            }
+        }
         if config.pull.lease_expiry_seconds < 60 {
             return Err(invalid(
                 "pull.lease_expiry_seconds",

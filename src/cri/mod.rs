@@ -33,6 +33,11 @@ impl ImageServiceImpl {
         }
     }
 
+    /// The puller (for work started outside a CRI call, such as pre-pulls).
+    pub fn puller(&self) -> &Puller {
+        &self.puller
+    }
+
     async fn list(&self, filter: Option<proto::ImageFilter>) -> Result<Vec<proto::Image>, Error> {
         let wanted = filter
             .and_then(|f| f.image)
