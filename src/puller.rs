@@ -15,7 +15,7 @@ use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceK
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::reload::Reloading;
-use crate::signature::{self, registries_d::SignatureSources};
+use crate::signature;
 use crate::store::{
     ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED, LABEL_PINNED,
     LABEL_UNCOMPRESSED,
@@ -145,6 +145,13 @@ pub enum PullError {
     Blocked(#[from] Blocked),
     #[error("{0}")]
     Refused(#[from] Refusal),
+    /// policy.json needs signatures, and they could not be read.
+    #[error("{image}: {source}")]
+    Signatures {
+        image: String,
+        #[source]
+        source: Box<crate::signature::fetch::FetchError>,
+    },
     #[error("{0}")]
     ShortName(#[from] ShortNameError),
     /// Every candidate for a short name failed: the last one's error in full.
@@ -195,7 +202,8 @@ impl PullError {
             PullError::Registry { .. }
             | PullError::Unauthorized { .. }
             | PullError::NoMatchingPlatform { .. }
-            | PullError::InvalidImage { .. } => true,
+            | PullError::InvalidImage { .. }
+            | PullError::Signatures { .. } => true,
             PullError::Auth(_)
             | PullError::Store { .. }
             | PullError::Task { .. }
@@ -404,12 +412,12 @@ struct Attempting<'a> {
     signatures: &'a SignatureCheck,
 }
 
-/// policy.json's signature requirements for the image asked for, and where its
-/// signatures are read from (registries.d, for that name: a mirror serves the
-/// image, the name it is signed under stays the asked one).
+/// policy.json's signature requirements for the image asked for (the name it must
+/// be signed under, whichever source serves it), and the registries.d that says
+/// where each source's signatures are read from.
 struct SignatureCheck {
     pending: Pending,
-    sources: SignatureSources,
+    trust: Arc<TrustPolicy>,
 }
 
 impl Inner {
@@ -440,7 +448,7 @@ impl Inner {
         let trust = self.trust.get();
         let signatures = SignatureCheck {
             pending: trust.check(reference)?,
-            sources: trust.registries_d().sources_for(reference),
+            trust: trust.clone(),
         };
         let sources = self.policy.get().sources(reference)?;
         let mut failed: Vec<SourceFailure> = Vec::new();
@@ -617,15 +625,33 @@ impl Inner {
                 repository: repo,
                 credential: at.credential,
             };
+            // As containers/image does, registries.d is looked up for the source
+            // contacted (a mirror may keep its own lookaside).
+            let sources = at
+                .signatures
+                .trust
+                .registries_d()
+                .sources_for(&at.source.reference);
+            let pulled = signature::Pulled {
+                digest: &manifest_desc.digest,
+                manifest: &manifest_body,
+                index: index.as_ref().map(|(top, _)| &top.descriptor.digest),
+            };
             let accepted = signature::enforce(
                 &at.signatures.pending,
-                &at.signatures.sources,
+                &sources,
                 &registry,
                 at.image,
-                &manifest_desc.digest,
-                &manifest_body,
+                pulled,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                signature::EnforceError::Refused(r) => PullError::Refused(r),
+                signature::EnforceError::Unreadable(source) => PullError::Signatures {
+                    image: at.image.to_string(),
+                    source: Box::new(source),
+                },
+            })?;
             tracing::info!(image = %at.image, manifest = %manifest_desc.digest, accepted = ?accepted, "signatures verified");
         }
         let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;

@@ -336,7 +336,15 @@ async fn cosign_signatures_from_registry_attachments_and_through_a_mirror() {
             mirror.host()
         ))
         .policy_json(&policy)
-        .registries_d("sigstore.yaml", &format!("docker:\n  \"{host}\":\n    use-sigstore-attachments: true\n"))
+        // As in containers/image, registries.d is read for the source contacted: the
+        // mirror needs its own entry to have its attachments read.
+        .registries_d(
+            "sigstore.yaml",
+            &format!(
+                "docker:\n  \"{host}\":\n    use-sigstore-attachments: true\n  \"{}\":\n    use-sigstore-attachments: true\n",
+                mirror.host()
+            ),
+        )
         .start();
 
     refused(
@@ -389,10 +397,16 @@ async fn cosign_signatures_from_registry_attachments_and_through_a_mirror() {
         &containerd,
         &[],
         &multi.reference,
-        &[&format!(
-            "team/multi:sha256-{}.sig",
-            platform.manifest.digest.trim_start_matches("sha256:")
-        )],
+        &[
+            &format!(
+                "team/multi:sha256-{}.sig",
+                platform.manifest.digest.trim_start_matches("sha256:")
+            ),
+            &format!(
+                "the platform manifest {} must be signed, not only the index {}",
+                platform.manifest.digest, multi.digest
+            ),
+        ],
     )
     .await;
     signing::sign_sigstore(
@@ -465,6 +479,26 @@ async fn attachments_are_read_only_where_registries_d_enables_them() {
         &["no signature found", "use-sigstore-attachments"],
     )
     .await;
+    // A lookaside that cannot be read is no verdict on the image: Unavailable, and
+    // the error names the (credential-free) URL.
+    let down = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .policy_json(&policy)
+        .registries_d(
+            "down.yaml",
+            "default-docker:\n  lookaside: http://127.0.0.1:1/sigs\n",
+        )
+        .start();
+    let status = pull_err_code(&down, &signed.reference, Code::Unavailable).await;
+    assert!(
+        status
+            .message()
+            .contains("cannot read signature http://127.0.0.1:1/sigs/team/signed@sha256="),
+        "{}",
+        status.message()
+    );
+    assert!(!status.message().starts_with("SignatureValidationFailed"));
+    assert_nothing_left(&containerd, &[], "a pull whose signatures cannot be read");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,9 @@ fn pull_code(e: &PullError) -> Code {
         PullError::Store { source, .. } => store_code(source),
         PullError::Task { .. } => Code::Internal,
         PullError::Blocked(_) | PullError::Refused(_) => Code::PermissionDenied,
+        // Signatures that could not be read (a lookaside or registry failing) are
+        // not a verdict on the image: the pull may work later.
+        PullError::Signatures { .. } => Code::Unavailable,
         PullError::Sources { last, .. } => pull_code(last),
         PullError::Candidates { last, .. } => pull_code(last),
         PullError::ShortName(_) => Code::InvalidArgument,
@@ -147,6 +150,7 @@ fn refused_signature(p: &PullError) -> bool {
     match p {
         PullError::Refused(r) => r.is_signature(),
         PullError::Candidates { last, .. } => refused_signature(last),
+        PullError::Sources { last, .. } => refused_signature(last),
         _ => false,
     }
 }

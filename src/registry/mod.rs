@@ -25,6 +25,7 @@ pub use challenge::{RealmCredential, RealmCredentials};
 pub use credential::Credential;
 pub use error::{ErrorCode, NotFound, RegistryError, RetryAfter};
 pub use proxy::ProxySettings;
+pub(crate) use transport::redacted;
 pub use transport::{tls_files, TlsFiles};
 
 use crate::oci::Descriptor;

@@ -9,11 +9,13 @@ use super::registries_d::SignatureSources;
 use super::Signature;
 use crate::digest::Digest;
 use crate::oci::{Descriptor, Manifest};
-use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use crate::registry::{redacted, Credential, Endpoint, RegistryClient, RegistryError};
 use futures_util::StreamExt;
 
-/// Signatures read per manifest and source, at most.
+/// Signatures read per manifest, over all sources, at most.
 pub const MAX_SIGNATURES: usize = 128;
+/// Bytes of signatures read per manifest, over all sources, at most.
+pub const MAX_TOTAL_BYTES: usize = 32 * 1024 * 1024;
 /// The `artifactType` of a cosign signature manifest stored as a referrer.
 pub const COSIGN_SIGNATURE_ARTIFACT: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
 /// One signature (or payload) at most: containers/image's limit.
@@ -25,7 +27,7 @@ pub enum FetchError {
     Lookaside {
         url: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("cannot read signature {path}: {source}")]
     File {
@@ -35,12 +37,14 @@ pub enum FetchError {
     },
     #[error("signature {path} is larger than {MAX_SIGNATURE_BYTES} bytes")]
     FileTooLarge { path: String },
+    #[error("more than {MAX_SIGNATURES} signatures or {MAX_TOTAL_BYTES} bytes of them for one manifest (last from {from}); refusing to read on")]
+    TooMany { from: String },
     #[error("cannot read sigstore attachments {tag} from registry {host}: {source}")]
     Attachments {
         host: String,
         tag: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("sigstore attachments {tag} on registry {host}: {why}")]
     BadAttachments {
@@ -65,6 +69,23 @@ pub struct Fetched {
     /// Stored signatures that could not be read as any format, with the reason.
     pub unreadable: Vec<String>,
     pub looked_in: Vec<String>,
+    /// Signatures (readable or not) and bytes read so far, against the budget.
+    count: usize,
+    bytes: usize,
+}
+
+impl Fetched {
+    /// Counts `len` more bytes of one more signature from `from`.
+    fn take(&mut self, len: usize, from: &str) -> Result<(), FetchError> {
+        self.count += 1;
+        self.bytes += len;
+        if self.count > MAX_SIGNATURES || self.bytes > MAX_TOTAL_BYTES {
+            return Err(FetchError::TooMany {
+                from: from.to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Reads every signature of `digest` from the configured sources.
@@ -76,17 +97,20 @@ pub async fn fetch(
     let mut fetched = Fetched::default();
     fetched.looked_in.push(format!(
         "lookaside {} ({})",
-        sources.signature_url(digest, 1),
+        redacted(&sources.signature_url(digest, 1)),
         sources.configured_by
     ));
-    for n in 1..=MAX_SIGNATURES {
+    for n in 1.. {
         let url = sources.signature_url(digest, n);
         let Some(bytes) = read_lookaside(registry.client, &url).await? else {
             break;
         };
+        fetched.take(bytes.len(), &redacted(&url))?;
         match Signature::from_stored(&bytes) {
             Ok(sig) => fetched.signatures.push(sig),
-            Err(why) => fetched.unreadable.push(format!("{url}: {why}")),
+            Err(why) => fetched
+                .unreadable
+                .push(format!("{}: {why}", redacted(&url))),
         }
     }
     if sources.attachments {
@@ -111,7 +135,13 @@ async fn read_lookaside(
     url: &url::Url,
 ) -> Result<Option<Vec<u8>>, FetchError> {
     if url.scheme() == "file" {
-        let path = url.path().to_string();
+        let Ok(file) = url.to_file_path() else {
+            return Err(FetchError::File {
+                path: url.path().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a local path"),
+            });
+        };
+        let path = file.display().to_string();
         let file_err = |source| FetchError::File {
             path: path.clone(),
             source,
@@ -130,8 +160,8 @@ async fn read_lookaside(
         .await
         .map(|b| b.map(|b| b.to_vec()))
         .map_err(|source| FetchError::Lookaside {
-            url: url.to_string(),
-            source,
+            url: redacted(url),
+            source: Box::new(source),
         })
 }
 
@@ -143,7 +173,7 @@ async fn referrers(
     fetched: &mut Fetched,
 ) -> Result<(), FetchError> {
     let what = format!("referrers of {digest}");
-    let found = registry
+    let found = match registry
         .client
         .fetch_referrers(
             registry.endpoint,
@@ -153,13 +183,17 @@ async fn referrers(
             registry.credential,
         )
         .await
-        .map_err(|source| FetchError::Attachments {
-            host: registry.endpoint.host.clone(),
-            tag: what.clone(),
-            source,
-        })?;
-    let Some(found) = found else {
-        return Ok(());
+    {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::info!(registry = %registry.endpoint.host, error = %e, "the OCI referrers API failed; reading the .sig tag only");
+            fetched.looked_in.push(format!(
+                "OCI referrers of {digest} on {}/{}: unavailable ({e})",
+                registry.endpoint.host, registry.repository
+            ));
+            return Ok(());
+        }
     };
     fetched.looked_in.push(format!(
         "OCI referrers of {digest} on {}/{} ({} signature manifest(s))",
@@ -167,7 +201,7 @@ async fn referrers(
         registry.repository,
         found.len()
     ));
-    for referrer in found.iter().take(MAX_SIGNATURES) {
+    for referrer in &found {
         attachments(registry, &referrer.digest.to_string(), &what, fetched).await?;
     }
     Ok(())
@@ -185,7 +219,7 @@ async fn attachments(
     let err = |source| FetchError::Attachments {
         host: host.clone(),
         tag: tag.to_string(),
-        source,
+        source: Box::new(source),
     };
     let bad = |why: String| FetchError::BadAttachments {
         host: host.clone(),
@@ -215,6 +249,10 @@ async fn attachments(
         )));
     }
     for layer in &manifest.layers {
+        fetched.take(
+            layer.size.min(MAX_TOTAL_BYTES as u64 + 1) as usize,
+            &format!("{host}/{}:{tag}", registry.repository),
+        )?;
         if layer.size > MAX_SIGNATURE_BYTES as u64 {
             return Err(bad(format!(
                 "layer {} is {} bytes; at most {MAX_SIGNATURE_BYTES} are read",
@@ -247,4 +285,27 @@ async fn read_blob(registry: &Registry<'_>, layer: &Descriptor) -> Result<Vec<u8
         out.extend_from_slice(&chunk?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_covers_every_source_together() {
+        let mut fetched = Fetched::default();
+        for _ in 0..MAX_SIGNATURES {
+            fetched.take(10, "lookaside").unwrap();
+        }
+        assert!(matches!(
+            fetched.take(10, "tag"),
+            Err(FetchError::TooMany { .. })
+        ));
+        let mut fetched = Fetched::default();
+        fetched.take(MAX_SIGNATURE_BYTES, "a").unwrap();
+        for _ in 1..MAX_TOTAL_BYTES / MAX_SIGNATURE_BYTES {
+            fetched.take(MAX_SIGNATURE_BYTES, "b").unwrap();
+        }
+        assert!(fetched.take(1, "c").is_err());
+    }
 }

@@ -131,13 +131,13 @@ impl PublicKey {
         )
     }
 
-    /// Verifies `signature` over `message` the way cosign signs: ECDSA with the
-    /// curve's hash (SHA-256 for P-256, SHA-384 for P-384) and an ASN.1 DER
-    /// signature; RSA PKCS#1 v1.5 with SHA-256; Ed25519.
+    /// Verifies `signature` over `message` the way cosign signs and containers/image
+    /// verifies: SHA-256 whatever the key (sigstore's hard-coded hash, also for a
+    /// P-384 key), ECDSA with an ASN.1 DER signature; RSA PKCS#1 v1.5; Ed25519.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         let algorithm: &dyn VerificationAlgorithm = match self.algorithm {
             KeyAlgorithm::EcdsaP256 => &ring_sig::ECDSA_P256_SHA256_ASN1,
-            KeyAlgorithm::EcdsaP384 => &ring_sig::ECDSA_P384_SHA384_ASN1,
+            KeyAlgorithm::EcdsaP384 => &ring_sig::ECDSA_P384_SHA256_ASN1,
             KeyAlgorithm::Rsa => &ring_sig::RSA_PKCS1_2048_8192_SHA256,
             KeyAlgorithm::Ed25519 => &ring_sig::ED25519,
         };

@@ -96,17 +96,40 @@ impl Signature {
     }
 }
 
-/// Checks every pending signature requirement for the manifest `digest` (bytes
-/// `manifest`) of `image`: reads the signatures once, then each requirement must
-/// accept one of them. Returns a description of what was accepted, for the log.
+/// Why [`enforce`] did not accept an image.
+#[derive(Debug)]
+pub enum EnforceError {
+    /// A requirement was not met: the verdict.
+    Refused(Refusal),
+    /// The signatures could not be read: no verdict.
+    Unreadable(fetch::FetchError),
+}
+
+/// The manifest to verify: the platform manifest pulled, and the index it was
+/// chosen from, if any (named when a signature is missing, since signing only the
+/// index is the usual mistake).
+#[derive(Debug, Clone, Copy)]
+pub struct Pulled<'a> {
+    pub digest: &'a Digest,
+    pub manifest: &'a [u8],
+    pub index: Option<&'a Digest>,
+}
+
+/// Checks every pending signature requirement for the `pulled` manifest of
+/// `image`: reads the signatures once, then each requirement must accept one of
+/// them. Returns a description of what was accepted, for the log.
 pub async fn enforce(
     pending: &Pending,
     sources: &SignatureSources,
     registry: &fetch::Registry<'_>,
     image: &Reference,
-    digest: &Digest,
-    manifest: &[u8],
-) -> Result<Vec<String>, Refusal> {
+    pulled: Pulled<'_>,
+) -> Result<Vec<String>, EnforceError> {
+    let Pulled {
+        digest,
+        manifest,
+        index,
+    } = pulled;
     let refusal = |requirement: &Requirement, why: String| Refusal {
         image: image.to_string(),
         path: pending.path.clone(),
@@ -114,12 +137,12 @@ pub async fn enforce(
         requirement: requirement.clone(),
         verdict: Some(Box::new((digest.to_string(), why))),
     };
-    let Some(first) = pending.requirements.first() else {
+    if pending.is_empty() {
         return Ok(Vec::new());
-    };
+    }
     let fetched = fetch::fetch(sources, registry, digest)
         .await
-        .map_err(|e| refusal(first, format!("cannot read signatures: {e}")))?;
+        .map_err(EnforceError::Unreadable)?;
     tracing::debug!(
         image = %image,
         manifest = %digest,
@@ -150,8 +173,15 @@ pub async fn enforce(
                     if !fetched.unreadable.is_empty() {
                         why.push_str(&format!("; unreadable: {}", fetched.unreadable.join("; ")));
                     }
+                    if let Some(index) = index {
+                        why.push_str(&format!(
+                            "; the platform manifest {digest} must be signed, not only the \
+                             index {index} (cosign sign --recursive and skopeo copy --all \
+                             --sign-by sign both)"
+                        ));
+                    }
                 }
-                return Err(refusal(requirement, why));
+                return Err(EnforceError::Refused(refusal(requirement, why)));
             }
         }
     }

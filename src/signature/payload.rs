@@ -29,73 +29,62 @@ pub enum Kind {
     Sigstore,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Top {
+    critical: Critical,
+    // Required, but may be null (sigstore): hence a Value rather than an Option.
+    optional: Value,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Critical {
+    #[serde(rename = "type")]
+    kind: String,
+    image: Image,
+    identity: Identity,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Image {
+    #[serde(rename = "docker-manifest-digest")]
+    docker_manifest_digest: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Identity {
+    #[serde(rename = "docker-reference")]
+    docker_reference: String,
+}
+
 /// Parses `bytes` as a payload of `kind`: the top level holds exactly `critical` and
 /// `optional`; `critical` exactly `type`, `image` and `identity`; `image` exactly
-/// `docker-manifest-digest`; `identity` exactly `docker-reference`. Members of
-/// `optional` are not interpreted beyond their types.
+/// `docker-manifest-digest`; `identity` exactly `docker-reference`; no member twice.
+/// Members of `optional` are not interpreted beyond their types.
 pub fn parse(bytes: &[u8], kind: Kind) -> Result<Claim, PayloadError> {
-    let err = |why: &str| PayloadError(why.to_string());
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| PayloadError(format!("not JSON ({e})")))?;
-    let top = exact_object(&value, "the payload", &["critical", "optional"])?;
-    let critical = exact_object(&top["critical"], "critical", &["type", "image", "identity"])?;
+    let top: Top = serde_json::from_slice(bytes).map_err(|e| PayloadError(format!("{e}")))?;
     let expected = match kind {
         Kind::SimpleSigning => SIMPLE_SIGNING_TYPE,
         Kind::Sigstore => SIGSTORE_TYPE,
     };
-    match critical["type"].as_str() {
-        Some(t) if t == expected => {}
-        Some(t) => {
-            return Err(PayloadError(format!(
-                "critical.type is {t:?}, not {expected:?}"
-            )))
-        }
-        None => return Err(err("critical.type is not a string")),
-    }
-    let image = exact_object(
-        &critical["image"],
-        "critical.image",
-        &["docker-manifest-digest"],
-    )?;
-    let identity = exact_object(
-        &critical["identity"],
-        "critical.identity",
-        &["docker-reference"],
-    )?;
-    let manifest_digest = image["docker-manifest-digest"]
-        .as_str()
-        .ok_or_else(|| err("critical.image.docker-manifest-digest is not a string"))?;
-    let docker_reference = identity["docker-reference"]
-        .as_str()
-        .ok_or_else(|| err("critical.identity.docker-reference is not a string"))?;
-    match (&top["optional"], kind) {
-        (Value::Null, Kind::Sigstore) => {}
-        (Value::Object(optional), _) => check_optional(optional)?,
-        _ => return Err(err("optional is not an object")),
-    }
-    Ok(Claim {
-        docker_reference: docker_reference.to_string(),
-        manifest_digest: manifest_digest.to_string(),
-    })
-}
-
-fn exact_object<'a>(
-    value: &'a Value,
-    what: &str,
-    members: &[&str],
-) -> Result<&'a Map<String, Value>, PayloadError> {
-    let Value::Object(map) = value else {
-        return Err(PayloadError(format!("{what} is not an object")));
-    };
-    if let Some(extra) = map.keys().find(|k| !members.contains(&k.as_str())) {
+    if top.critical.kind != expected {
         return Err(PayloadError(format!(
-            "{what} has an unexpected member {extra:?}"
+            "critical.type is {:?}, not {expected:?}",
+            top.critical.kind
         )));
     }
-    if let Some(missing) = members.iter().find(|m| !map.contains_key(**m)) {
-        return Err(PayloadError(format!("{what} lacks {missing:?}")));
+    match (&top.optional, kind) {
+        (Value::Null, Kind::Sigstore) => {}
+        (Value::Object(optional), _) => check_optional(optional)?,
+        _ => return Err(PayloadError("optional is not an object".into())),
     }
-    Ok(map)
+    Ok(Claim {
+        docker_reference: top.critical.identity.docker_reference,
+        manifest_digest: top.critical.image.docker_manifest_digest,
+    })
 }
 
 fn check_optional(optional: &Map<String, Value>) -> Result<(), PayloadError> {
@@ -162,7 +151,7 @@ mod tests {
                 simple("{}").replace(r#"{"docker-reference":"testing/manifest"}"#, "{}"),
                 Kind::SimpleSigning,
             ),
-            (simple("{}").replace(DIGEST, ""), Kind::SimpleSigning).clone(),
+            (simple("{}").replace(DIGEST, ""), Kind::SimpleSigning),
         ] {
             let parsed = parse(payload.as_bytes(), kind);
             if payload.contains(r#""docker-manifest-digest":"""#) {
@@ -173,5 +162,14 @@ mod tests {
             }
         }
         assert!(parse(br#"{"critical":{"identity":{"docker-reference":1},"image":{"docker-manifest-digest":"d"},"type":"atomic container signature"},"optional":{}}"#, Kind::SimpleSigning).is_err());
+        // A member given twice (the second would win in a lax parser).
+        let twice = simple("{}").replace(
+            r#"{"docker-reference":"testing/manifest"}"#,
+            r#"{"docker-reference":"testing/manifest","docker-reference":"evil/image"}"#,
+        );
+        assert!(
+            parse(twice.as_bytes(), Kind::SimpleSigning).is_err(),
+            "{twice}"
+        );
     }
 }
