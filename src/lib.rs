@@ -25,6 +25,7 @@
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
 //! - [`explain`]: what a pull of an image would do, for `cri-imaged explain`.
 //! - [`prepull`]: images pulled at start-up (`[pull] prepull`).
+//! - [`fs_usage`]: ImageFsInfo's answer, cached and refreshed in the background.
 //! - [`signature`]: policy.json signature requirements, verified (GPG, sigstore).
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,7 @@ pub mod cri;
 pub mod digest;
 pub mod explain;
 pub mod file_stamp;
+pub mod fs_usage;
 pub mod oci;
 pub mod platform;
 pub mod policy;

@@ -220,14 +220,15 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
         snapshotter = %config.containerd.snapshotter,
         "serving runtime.v1.ImageService"
     );
-    let prepulls = cri_imaged::prepull::spawn(service.puller(), &config.pull.prepull);
+    let mut background = cri_imaged::prepull::spawn(service.puller(), &config.pull.prepull);
+    background.push(service.fs_usage().spawn_refresher());
     let edge = if config.server.rewrite_authority {
         cri_imaged::server::Edge::RewriteAuthority
     } else {
         cri_imaged::server::Edge::Direct
     };
     let result = cri_imaged::server::run(listener, service, edge, shutdown_signal()).await;
-    prepulls.iter().for_each(tokio::task::JoinHandle::abort);
+    background.iter().for_each(tokio::task::JoinHandle::abort);
     let _ = std::fs::remove_file(&config.server.listen);
     match result {
         Ok(()) => {

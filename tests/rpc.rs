@@ -812,3 +812,49 @@ async fn repull_keeps_the_pin_and_an_unreadable_record_does_not_hide_the_others(
     let listed = list(daemon.socket(), None).await;
     assert_eq!(ids(&listed), BTreeSet::from([pushed.config_digest.clone()]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_fs_info_answers_from_a_cache_that_our_pulls_and_removals_refresh() {
+    let (containerd, registry) = start(Registry::open);
+    let image = images::random_image(256 << 10, 2, "1").push(&registry, "team/app");
+    let daemon = DaemonConfig::new(&containerd).registry(&registry).start();
+    let fs_info = || async {
+        let answer = daemon
+            .client()
+            .await
+            .image_fs_info(proto::ImageFsInfoRequest {})
+            .await
+            .expect("ImageFsInfo")
+            .into_inner();
+        let fs = answer.image_filesystems[0].clone();
+        (
+            fs.timestamp,
+            fs.used_bytes.map(|v| v.value).unwrap_or_default(),
+        )
+    };
+    // Asked again at once: the same sample (a background refresh every 10 s may
+    // fall between two asks, not between all three).
+    let samples = [fs_info().await, fs_info().await, fs_info().await];
+    assert!(
+        samples[0] == samples[1] || samples[1] == samples[2],
+        "repeated ImageFsInfo is served from the cache: {samples:?}"
+    );
+    let (before, empty_usage) = samples[2];
+    pull_ok(&daemon, &image.reference, None).await;
+    let (after_pull, pulled_usage) = fs_info().await;
+    assert!(after_pull > before, "a pull refreshes the figure");
+    assert!(pulled_usage > empty_usage, "{pulled_usage} > {empty_usage}");
+    daemon
+        .client()
+        .await
+        .remove_image(proto::RemoveImageRequest {
+            image: Some(proto::ImageSpec {
+                image: image.reference.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("RemoveImage");
+    let (after_remove, _) = fs_info().await;
+    assert!(after_remove > after_pull, "a removal refreshes the figure");
+}

@@ -5,6 +5,7 @@ pub mod convert;
 
 use crate::catalog::Catalog;
 use crate::catalog::ImageView;
+use crate::fs_usage::FsUsageCache;
 use crate::proto::{self, image_service_server::ImageService};
 use crate::puller::{PullError, Puller};
 use crate::reference::ImageQuery;
@@ -12,7 +13,7 @@ use convert::Error;
 use futures_util::stream::{self, BoxStream};
 use futures_util::StreamExt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 use tonic::{Request, Response, Status};
 
 /// Images per StreamImages message: well under kubelet's 16 MiB message limit.
@@ -21,16 +22,21 @@ const STREAM_CHUNK: usize = 100;
 pub struct ImageServiceImpl {
     puller: Puller,
     catalog: Arc<Catalog>,
-    snapshotter: String,
+    fs_usage: Arc<FsUsageCache>,
 }
 
 impl ImageServiceImpl {
     pub fn new(puller: Puller, catalog: Arc<Catalog>, snapshotter: String) -> Self {
         ImageServiceImpl {
             puller,
+            fs_usage: FsUsageCache::new(catalog.clone(), snapshotter),
             catalog,
-            snapshotter,
         }
+    }
+
+    /// ImageFsInfo's cache; [`FsUsageCache::spawn_refresher`] keeps it current.
+    pub fn fs_usage(&self) -> &Arc<FsUsageCache> {
+        &self.fs_usage
     }
 
     /// The puller (for work started outside a CRI call, such as pre-pulls).
@@ -132,6 +138,7 @@ impl ImageService for ImageServiceImpl {
             .pull_name(name, auth)
             .await
             .map_err(Error::from)?;
+        self.fs_usage.invalidate();
         Ok(Response::new(proto::PullImageResponse {
             image_ref: pulled.image_id.to_string(),
         }))
@@ -147,7 +154,9 @@ impl ImageService for ImageServiceImpl {
             return Ok(Response::new(proto::RemoveImageResponse {}));
         };
         let query = ImageQuery::Id(found.id.clone());
-        if let Some(removed) = self.catalog.remove(&query).await.map_err(Error::from)? {
+        let removed = self.catalog.remove(&query).await;
+        self.fs_usage.invalidate();
+        if let Some(removed) = removed.map_err(Error::from)? {
             tracing::info!(image_id = %removed.id, names = ?removed.record_names, "removed image");
         }
         Ok(Response::new(proto::RemoveImageResponse {}))
@@ -157,16 +166,13 @@ impl ImageService for ImageServiceImpl {
         &self,
         _request: Request<proto::ImageFsInfoRequest>,
     ) -> Result<Response<proto::ImageFsInfoResponse>, Status> {
-        let usage = self
-            .catalog
-            .filesystem_usage(&self.snapshotter)
-            .await
-            .map_err(Error::from)?;
-        let now = SystemTime::now()
+        let sample = self.fs_usage.get().await.map_err(Error::from)?;
+        let taken = sample
+            .taken
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or_default();
-        let fs = convert::filesystem_usage(&usage, now);
+        let fs = convert::filesystem_usage(&sample.usage, taken);
         // Images and container writable layers share the snapshotter's filesystem,
         // so both lists carry it (as containerd reports when they are not split).
         Ok(Response::new(proto::ImageFsInfoResponse {
