@@ -154,6 +154,56 @@ pub fn is_layer(media_type: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// A valid index and manifest, the seeds the fuzzer mutates.
+    const SEED_INDEX: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":7,"platform":{"os":"linux","architecture":"amd64"}},{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":7,"platform":{"os":"linux","architecture":"arm64","variant":"v8"}}]}"#;
+    const SEED_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":2},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":3,"annotations":{"a":"b"}}]}"#;
+
+    /// `seed` with random edits: bytes replaced, inserted and removed.
+    fn mutated(seed: &str) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let len = seed.len();
+        let seed = seed.as_bytes().to_vec();
+        proptest::collection::vec((0..len, any::<u8>(), 0u8..3), 0..8).prop_map(move |edits| {
+            let mut bytes = seed.clone();
+            for (at, byte, op) in edits {
+                let at = at.min(bytes.len().saturating_sub(1));
+                match op {
+                    0 if !bytes.is_empty() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ if !bytes.is_empty() => {
+                        bytes.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            bytes
+        })
+    }
+
+    proptest::proptest! {
+        // Fuzzing the manifest and index parsers on the stable toolchain: a fixed
+        // number of cases in CI, more by hand with PROPTEST_CASES=100000.
+        #[test]
+        fn mutated_indexes_parse_or_fail_and_platform_selection_holds(bytes in mutated(SEED_INDEX)) {
+            if let Ok(index) = serde_json::from_slice::<Index>(&bytes) {
+                let host = crate::platform::PlatformSpec::host();
+                if let Some(chosen) = host.select(&index.manifests) {
+                    proptest::prop_assert!(chosen.platform.as_ref().is_some_and(|p| host.matches(p)));
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_manifests_parse_or_fail(bytes in mutated(SEED_MANIFEST), media_type in "\\PC{0,60}") {
+            if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) {
+                for layer in &manifest.layers {
+                    let _ = is_layer(&layer.media_type);
+                }
+            }
+            let _ = manifest_kind(&media_type);
+        }
+    }
+
     #[test]
     fn chain_ids_follow_the_image_spec() {
         let a = Digest::of(b"a");

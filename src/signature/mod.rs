@@ -210,6 +210,35 @@ pub(crate) mod fixtures {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Fuzzing what a registry or lookaside hands us (stored signatures, payloads,
+        // signed names): never a panic, and a verdict only through the real checks.
+        #[test]
+        fn stored_signatures_and_payloads_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            text in "\\PC{0,120}",
+            signed in "[a-zA-Z0-9._:/@-]{0,60}",
+        ) {
+            let _ = Signature::from_stored(&bytes);
+            let mut tagged = b"\0sigstore-json\n".to_vec();
+            tagged.extend_from_slice(text.as_bytes());
+            let _ = Signature::from_stored(&tagged);
+            let _ = payload::parse(text.as_bytes(), payload::Kind::Sigstore);
+            let _ = payload::parse(&bytes, payload::Kind::SimpleSigning);
+            let image = Reference::parse("quay.io/team/app:1").unwrap();
+            for identity in [
+                identity::SignedIdentity::MatchExact,
+                identity::SignedIdentity::MatchRepoDigestOrExact,
+                identity::SignedIdentity::MatchRepository,
+                identity::SignedIdentity::ExactReference(signed.clone()),
+                identity::SignedIdentity::ExactRepository(signed.clone()),
+                identity::SignedIdentity::RemapIdentity { prefix: "quay.io".into(), signed_prefix: signed.clone() },
+            ] {
+                let _ = identity.matches(&image, &signed);
+            }
+        }
+    }
+
     #[test]
     fn stored_formats() {
         let cosign =
