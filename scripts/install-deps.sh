@@ -20,7 +20,8 @@ packages=(
   golang                      # Go 1.19: builds the grpc-go client in tests/clients/go
   golang-google-grpc-dev      # grpc-go 1.33 sources (GOPATH mode): kubelet/crictl 1.26's gRPC
   golang-google-protobuf-dev  # google.golang.org/protobuf 1.28 (dynamicpb, protojson) for it
-  python3-venv                # venv (pip from its bundled wheel) for the grpcio client
+  python3-venv                # venv (pip from its bundled wheel): grpcio client, deploy/ checks
+  systemd                     # systemd-analyze verify/security on deploy/'s units
 )
 
 installed() {

@@ -164,14 +164,17 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
-/// `check-config`: builds the service as `serve` would (containerd is not contacted).
+/// `check-config`: every file `serve` would read, checked (containerd is not contacted).
 fn check_config(config_path: Option<PathBuf>) -> ExitCode {
     let config = match load_config(config_path.as_ref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match cri_imaged::server::build_service(&config) {
-        Ok(_) => {
+    match cri_imaged::server::check_config(&config) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("cri-imaged: warning: {warning}");
+            }
             let shown = config_path.map_or("the defaults".into(), |p| p.display().to_string());
             println!("cri-imaged: configuration OK ({shown})");
             ExitCode::SUCCESS

@@ -148,39 +148,19 @@ impl FileKeyring {
         out
     }
 
-    /// The secret files in `dir`: its own `.dockerconfigjson` / `.dockercfg` (the
-    /// directory is one mounted secret), then those of each subdirectory (one
-    /// mounted secret each), by name. Names starting with `..` are the kubelet
-    /// atomic writer's internals (`..data`, timestamped dirs) and are skipped.
+    /// The secret files in `dir` ([`secret_files_in`]); a directory that cannot be
+    /// listed is reported once and holds none.
     fn secret_files(&self, dir: &Path) -> Vec<(PathBuf, Format)> {
-        let listing = match std::fs::read_dir(dir) {
-            Ok(listing) => {
+        match secret_files_in(dir) {
+            Ok(files) => {
                 self.note_dir(dir, true, None);
-                listing
+                files
             }
             Err(e) => {
                 self.note_dir(dir, false, Some(&e));
-                return Vec::new();
+                Vec::new()
             }
-        };
-        let mut subdirs: Vec<PathBuf> = listing
-            .filter_map(Result::ok)
-            .filter(|d| !d.file_name().to_string_lossy().starts_with(".."))
-            .map(|d| d.path())
-            // Follows symlinks: mounted secrets are symlinks into `..data`.
-            .filter(|p| p.is_dir())
-            .collect();
-        subdirs.sort();
-        std::iter::once(dir.to_path_buf())
-            .chain(subdirs)
-            .flat_map(|d| {
-                [
-                    (d.join(DOCKERCONFIGJSON), Format::ConfigJson),
-                    (d.join(DOCKERCFG), Format::Dockercfg),
-                ]
-            })
-            .filter(|(p, _)| p.is_file())
-            .collect()
+        }
     }
 
     fn note_dir(&self, dir: &Path, present: bool, error: Option<&std::io::Error>) {
@@ -232,6 +212,114 @@ impl FileKeyring {
             },
         );
         loaded
+    }
+}
+
+/// The secret files in `dir`: its own `.dockerconfigjson` / `.dockercfg` (the
+/// directory is one mounted secret), then those of each subdirectory (one mounted
+/// secret each), by name. Names starting with `..` are the kubelet atomic writer's
+/// internals (`..data`, timestamped dirs) and are skipped.
+fn secret_files_in(dir: &Path) -> std::io::Result<Vec<(PathBuf, Format)>> {
+    let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|d| !d.file_name().to_string_lossy().starts_with(".."))
+        .map(|d| d.path())
+        // Follows symlinks: mounted secrets are symlinks into `..data`.
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    Ok(std::iter::once(dir.to_path_buf())
+        .chain(subdirs)
+        .flat_map(|d| {
+            [
+                (d.join(DOCKERCONFIGJSON), Format::ConfigJson),
+                (d.join(DOCKERCFG), Format::Dockercfg),
+            ]
+        })
+        .filter(|(p, _)| p.is_file())
+        .collect())
+}
+
+/// Why `check-config` refuses the credential files. The daemon itself skips such
+/// a file with a warning (as kubelet does); an operator checking the node wants to
+/// hear about it. Never holds a secret: [`FileError`] names keys, not values.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("credentials file {0} (config key `credentials.files`) does not exist")]
+    MissingFile(PathBuf),
+    #[error(
+        "cannot list pull-secret directory {path} (config key `credentials.secret_dirs`): {source}"
+    )]
+    SecretDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read credentials file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("credentials file {path} is not valid: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: dockerconfig::FileError,
+    },
+}
+
+/// What a strict reading of the credential files found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Every file read, in the daemon's order.
+    pub files: Vec<PathBuf>,
+    /// Entries the daemon would skip, each prefixed with its file (never a value).
+    pub warnings: Vec<String>,
+}
+
+impl FileSettings {
+    /// Reads every credential file these settings name or search, strictly: each of
+    /// kubelet's search paths that exists, every configured file (it must exist) and
+    /// every secret in the secret directories (they must be listable). A file that
+    /// cannot be read or parsed is an error; an unusable entry is a warning.
+    pub fn check(&self) -> Result<CheckReport, CheckError> {
+        let mut files: Vec<(PathBuf, Format)> = Vec::new();
+        let [json, cfg] = self.node_search_paths();
+        let node = json
+            .into_iter()
+            .map(|p| (p, Format::ConfigJson))
+            .chain(cfg.into_iter().map(|p| (p, Format::Dockercfg)));
+        files.extend(node.filter(|(p, _)| p.exists()));
+        for path in &self.files {
+            if !path.exists() {
+                return Err(CheckError::MissingFile(path.clone()));
+            }
+            files.push((path.clone(), Format::ConfigJson));
+        }
+        for dir in &self.secret_dirs {
+            files.extend(
+                secret_files_in(dir).map_err(|source| CheckError::SecretDir {
+                    path: dir.clone(),
+                    source,
+                })?,
+            );
+        }
+        let mut report = CheckReport::default();
+        for (path, format) in files {
+            let bytes = std::fs::read(&path).map_err(|source| CheckError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let parsed =
+                dockerconfig::parse(&bytes, format).map_err(|source| CheckError::Invalid {
+                    path: path.clone(),
+                    source,
+                })?;
+            let shown = path.display();
+            report
+                .warnings
+                .extend(parsed.warnings.iter().map(|w| format!("{shown}: {w}")));
+            report.files.push(path);
+        }
+        Ok(report)
     }
 }
 
@@ -430,6 +518,54 @@ pub(super) mod tests {
         let k = FileKeyring::new(d.settings.clone());
         let users: Vec<String> = summary(&k).into_iter().map(|s| s.1).collect();
         assert_eq!(users, ["node", "extra", "top", "a", "b"]);
+    }
+
+    #[test]
+    fn check_refuses_what_the_daemon_would_skip_and_warns_of_bad_entries() {
+        let mut d = dirs();
+        let node = d.root.join("kubelet/config.json");
+        let secrets = d.root.join("secrets");
+        std::fs::create_dir_all(secrets.join("pull")).unwrap();
+        write(&node, "{\"auths\": {\"r.io\": {}}}");
+        write(
+            &secrets.join("pull").join(DOCKERCONFIGJSON),
+            &auths(&[("q.io", "u:pw")]),
+        );
+        d.settings.secret_dirs = vec![secrets.clone()];
+        let report = d.settings.check().unwrap();
+        assert_eq!(
+            report.files,
+            [node.clone(), secrets.join("pull").join(DOCKERCONFIGJSON)]
+        );
+        assert_eq!(
+            report.warnings,
+            [format!(
+                "{}: auths key \"r.io\": no credentials in the entry",
+                node.display()
+            )]
+        );
+
+        let broken = |settings: &FileSettings| settings.check().unwrap_err().to_string();
+        write(&node, "{\"auths\": [\"secret\"]}");
+        let e = broken(&d.settings);
+        assert!(
+            e.contains(&node.display().to_string()) && e.contains("\"auths\""),
+            "{e}"
+        );
+        assert!(!e.contains("secret\""), "{e}");
+        std::fs::remove_file(&node).unwrap();
+
+        let mut missing = d.settings.clone();
+        missing.files = vec![d.root.join("auth.json")];
+        let e = broken(&missing);
+        assert!(
+            e.contains("auth.json") && e.contains("credentials.files"),
+            "{e}"
+        );
+
+        let mut no_dir = d.settings.clone();
+        no_dir.secret_dirs = vec![d.root.join("no-such-dir")];
+        assert!(broken(&no_dir).contains("credentials.secret_dirs"));
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum ServerError {
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
+    CredentialFile(#[from] crate::auth::files::CheckError),
+    #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -181,15 +183,7 @@ pub fn keyring(config: &Config) -> Result<Keyring, ServerError> {
     let c = &config.credentials;
     let settings = KeyringSettings {
         matching: c.matching,
-        files: FileSettings {
-            kubelet_root_dir: c.kubelet_root_dir.clone(),
-            cwd: std::env::current_dir().ok(),
-            home: std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map(PathBuf::from),
-            files: c.files.clone(),
-            secret_dirs: c.secret_dirs.clone(),
-        },
+        files: credential_files(config),
     };
     let providers: Option<Arc<dyn ProviderSource>> = if c.provider_config.as_os_str().is_empty() {
         None
@@ -200,6 +194,28 @@ pub fn keyring(config: &Config) -> Result<Keyring, ServerError> {
         )?))
     };
     Ok(Keyring::new(settings, providers))
+}
+
+/// Where `[credentials]` says to look for credential files, for this process.
+fn credential_files(config: &Config) -> FileSettings {
+    let c = &config.credentials;
+    FileSettings {
+        kubelet_root_dir: c.kubelet_root_dir.clone(),
+        cwd: std::env::current_dir().ok(),
+        home: std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from),
+        files: c.files.clone(),
+        secret_dirs: c.secret_dirs.clone(),
+    }
+}
+
+/// `check-config`: builds the service as `serve` would (containerd is not
+/// contacted), then reads every credential file strictly, since the daemon only
+/// logs a broken one. Returns the entries the daemon would skip, as warnings.
+pub fn check_config(config: &Config) -> Result<Vec<String>, ServerError> {
+    build_service(config)?;
+    Ok(credential_files(config).check()?.warnings)
 }
 
 /// Binds `path`: creates its directory, replaces a stale socket (refusing one that a

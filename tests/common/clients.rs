@@ -154,19 +154,23 @@ fn build_go_client() -> Result<PathBuf> {
 /// is created on first use and then reused by every later test process.
 pub fn python_venv() -> &'static Path {
     static CELL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    once(&CELL, make_python_venv)
+    once(&CELL, || {
+        venv_with(&source_dir().join("python/requirements.txt"))
+    })
 }
 
-fn make_python_venv() -> Result<PathBuf> {
+/// The interpreter of a venv holding `requirements` (a pinned requirements file),
+/// created under target/ on first use, named after the file's hash and reused by
+/// every later test process.
+pub fn venv_with(requirements: &Path) -> Result<PathBuf> {
     if !Path::new(SYSTEM_PYTHON).is_file() {
         return Err(HarnessError::MissingTool {
             tool: "python3",
             package: "python3-venv",
         });
     }
-    let requirements = source_dir().join("python/requirements.txt");
     let pinned =
-        std::fs::read(&requirements).ctx(|| format!("reading {}", requirements.display()))?;
+        std::fs::read(requirements).ctx(|| format!("reading {}", requirements.display()))?;
     let key = hex::encode(Sha256::digest(&pinned));
     let venv = work_dir()?.join(format!("venv-{}", &key[..16]));
     let python = venv.join("bin/python");
@@ -176,7 +180,7 @@ fn make_python_venv() -> Result<PathBuf> {
         return Ok(python);
     }
     let temp = private_temp(&venv);
-    if let Err(e) = fill_venv(&temp, &requirements) {
+    if let Err(e) = fill_venv(&temp, requirements) {
         let _ = std::fs::remove_dir_all(&temp);
         return Err(e);
     }
