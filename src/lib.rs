@@ -24,6 +24,8 @@
 //! - [`reload`], [`file_stamp`]: configuration files re-read when they change.
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
 //! - [`explain`]: what a pull of an image would do, for `cri-imaged explain`.
+//! - [`metrics`]: Prometheus series recorded along the pull path, served on
+//!   `[metrics] listen`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -34,6 +36,7 @@ pub mod cri;
 pub mod digest;
 pub mod explain;
 pub mod file_stamp;
+pub mod metrics;
 pub mod oci;
 pub mod platform;
 pub mod policy;
