@@ -22,10 +22,17 @@ use tonic::Code;
 /// A daemon storing into `containerd`, reaching `fake` over plain HTTP, serving
 /// metrics on a port of its own; returns it with the metrics address.
 fn daemon(containerd: &Containerd, fake: &FakeRegistry) -> (Daemon, String) {
+    daemon_with_pull(containerd, fake, "")
+}
+
+/// [`daemon`] with these lines in `[pull]`.
+fn daemon_with_pull(containerd: &Containerd, fake: &FakeRegistry, pull: &str) -> (Daemon, String) {
     let address = format!("127.0.0.1:{}", free_port());
     let daemon = DaemonConfig::new(containerd)
         .registries_conf(&fake.insecure_entry())
-        .extra_toml(&format!("[metrics]\nlisten = \"{address}\""))
+        .extra_toml(&format!(
+            "[pull]\n{pull}\n[metrics]\nlisten = \"{address}\""
+        ))
         .start();
     (daemon, address)
 }
@@ -208,6 +215,86 @@ async fn credential_attempts_are_counted_by_outcome_and_source_kind_without_secr
     for secret in ["alice", "s3cret-pw", "wrong-pw"] {
         assert!(!text.contains(secret), "{secret} in:\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_pulls_show_in_the_gauges_and_stalled_ones_are_counted_per_registry() {
+    let fake = FakeRegistry::start();
+    let images: Vec<images::OciImage> = (0..2)
+        .map(|i| images::random_image(256 << 10, 1, &format!("m{i}")))
+        .collect();
+    let references: Vec<String> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| fake.serve_image(image, &format!("metrics/stall{i}")))
+        .collect();
+    // Each layer sends 1 KiB and then nothing.
+    fake.set_faults(Faults {
+        stall_blobs: images
+            .iter()
+            .map(|i| (i.host().layers[0].digest.clone(), 1024))
+            .collect(),
+        ..Default::default()
+    });
+    let containerd = containerd();
+    let (daemon, address) = daemon_with_pull(
+        &containerd,
+        &fake,
+        "max_concurrent_pulls = 1\nprogress_timeout = \"2s\"",
+    );
+    let mut pulls = Vec::new();
+    for reference in &references {
+        let mut client = daemon.client().await;
+        let request = common::cri::pull_request(reference, None);
+        pulls.push(tokio::spawn(
+            async move { client.pull_image(request).await },
+        ));
+    }
+    // One pull holds the only slot (stalled on its layer), the other waits for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(&address, &daemon);
+        if value(&text, "cri_imaged_pulls_in_flight") == Some(1.0)
+            && value(&text, "cri_imaged_pulls_queued") == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never one pull in flight and one queued:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for pull in pulls {
+        let status = pull
+            .await
+            .expect("pull task")
+            .expect_err("a stalled pull fails");
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "{}",
+            status.message()
+        );
+    }
+    let text = scrape(&address, &daemon);
+    let host = fake.host();
+    expect(
+        &text,
+        &format!("cri_imaged_registry_stalls_total{{registry=\"{host}\"}}"),
+        2.0,
+    );
+    expect(
+        &text,
+        &format!(
+            "cri_imaged_pulls_total{{result=\"stalled\",registry=\"{host}\",source=\"origin\"}}"
+        ),
+        2.0,
+    );
+    expect(&text, "cri_imaged_pulls_in_flight", 0.0);
+    expect(&text, "cri_imaged_pulls_queued", 0.0);
+    promtool_check_metrics(&text)
+        .unwrap_or_else(|e| panic!("promtool check metrics: {e}\nthe text:\n{text}"));
 }
 
 /// The metric names a PromQL expression reads: identifiers that are not functions
