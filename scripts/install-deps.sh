@@ -22,6 +22,7 @@ packages=(
   golang-google-protobuf-dev  # google.golang.org/protobuf 1.28 (dynamicpb, protojson) for it
   python3-venv                # venv (pip from its bundled wheel): grpcio client, deploy/ checks
   systemd                     # systemd-analyze verify/security on deploy/'s units
+  prometheus                  # promtool check metrics, and a real Prometheus scraping the daemon in tests
 )
 
 installed() {

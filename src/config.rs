@@ -15,6 +15,15 @@ pub struct Config {
     pub pull: PullConfig,
     pub credentials: CredentialsConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` where `GET /metrics` answers in Prometheus' text format
+    /// (`"127.0.0.1:9102"`, `"[::]:9102"`); empty: no metrics endpoint.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,6 +351,23 @@ impl Config {
         if config.server.listen.as_os_str().is_empty() {
             return Err(invalid("server.listen", "must not be empty".into()));
         }
+        if !config.metrics.listen.is_empty() {
+            let port = config
+                .metrics
+                .listen
+                .rsplit_once(':')
+                .and_then(|(host, port)| {
+                    (!host.is_empty())
+                        .then(|| port.parse::<u16>().ok())
+                        .flatten()
+                });
+            if port.is_none() {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{:?} is not a host:port", config.metrics.listen),
+                ));
+            }
+        }
         Ok(config)
     }
 
@@ -418,6 +444,7 @@ mod tests {
         assert_eq!(c.pull.pinned, d.pull.pinned);
         assert_eq!(c.log.level, d.log.level);
         assert_eq!(c.log.format, d.log.format);
+        assert_eq!(c.metrics.listen, d.metrics.listen);
         assert_eq!(c.containerd.address, d.containerd.address);
         assert_eq!(c.containerd.direct_content, d.containerd.direct_content);
         assert_eq!(c.registry.registries_conf, d.registry.registries_conf);
@@ -490,5 +517,15 @@ provider_bin_dir = "/usr/libexec/kubernetes/credential-providers"
             .unwrap_err()
             .to_string();
         assert!(e.contains("pull.max_concurrent_downloads"), "{e}");
+        for bad in ["9102", ":9102", "localhost:http", "127.0.0.1:70000"] {
+            let e = parse(&format!("[metrics]\nlisten = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("metrics.listen"), "{bad}: {e}");
+        }
+        for good in ["127.0.0.1:9102", "[::]:9102", "node.local:9102"] {
+            let c = parse(&format!("[metrics]\nlisten = \"{good}\"\n")).unwrap();
+            assert_eq!(c.metrics.listen, good);
+        }
     }
 }

@@ -27,6 +27,8 @@
 //! - [`prepull`]: images pulled at start-up (`[pull] prepull`).
 //! - [`fs_usage`]: ImageFsInfo's answer, cached and refreshed in the background.
 //! - [`signature`]: policy.json signature requirements, verified (GPG, sigstore).
+//! - [`metrics`]: Prometheus series recorded along the pull path, served on
+//!   `[metrics] listen`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -38,6 +40,7 @@ pub mod digest;
 pub mod explain;
 pub mod file_stamp;
 pub mod fs_usage;
+pub mod metrics;
 pub mod oci;
 pub mod platform;
 pub mod policy;

@@ -4,9 +4,11 @@
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use cri_imaged::config::{Config, LogFormat};
+use cri_imaged::metrics::Metrics;
 use cri_imaged::proto;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// sysexits' EX_CONFIG-adjacent EX_USAGE: bad configuration is fixed by the operator.
 const EXIT_CONFIG: u8 = 64;
@@ -202,7 +204,8 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let service = match cri_imaged::server::build_service(&config) {
+    let metrics = Arc::new(Metrics::new());
+    let service = match cri_imaged::server::build_service(&config, metrics.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cri-imaged: {e}");
@@ -216,6 +219,19 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !config.metrics.listen.is_empty() {
+        match cri_imaged::metrics::http::bind(&config.metrics.listen).await {
+            Ok(listener) => {
+                tracing::info!(address = %config.metrics.listen, "serving Prometheus metrics at /metrics");
+                tokio::spawn(cri_imaged::metrics::http::serve(listener, metrics));
+            }
+            Err(e) => {
+                eprintln!("cri-imaged: {e}");
+                let _ = std::fs::remove_file(&config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     tracing::info!(
         socket = %config.server.listen.display(),
         containerd = %config.containerd.address.display(),

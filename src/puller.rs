@@ -8,6 +8,7 @@
 
 use crate::auth::{AuthError, Candidate, Keyring, RequestAuth};
 use crate::digest::Digest;
+use crate::metrics::{Metrics, PullMeter};
 use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
 use crate::policy::short_names::Resolution;
@@ -50,6 +51,7 @@ pub struct PullSettings {
     pub lease_expiry: Duration,
     /// References or globs of images recorded as pinned (see `[pull] pinned`).
     pub pinned: Vec<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl PullSettings {
@@ -344,10 +346,10 @@ impl Puller {
                 let task_key = key.clone();
                 let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
                     let _slot = inner.slot(&reference).await;
-                    let result = inner
-                        .pull_once(&reference, auth.as_ref())
-                        .await
-                        .map_err(Arc::new);
+                    let meter = inner.settings.metrics.pull_started();
+                    let result = inner.pull_once(&reference, auth.as_ref(), &meter).await;
+                    meter.finish(&reference, &result);
+                    let result = result.map_err(Arc::new);
                     inner
                         .inflight
                         .lock()
@@ -432,6 +434,7 @@ impl Inner {
             limit = self.settings.max_concurrent_pulls,
             "all pull slots taken (pull.max_concurrent_pulls); waiting in line"
         );
+        let _queued = self.settings.metrics.pull_queued();
         // The semaphore is never closed, so acquiring only waits.
         slots.acquire().await.ok()
     }
@@ -441,6 +444,7 @@ impl Inner {
         &self,
         reference: &Reference,
         auth: Option<&RequestAuth>,
+        meter: &PullMeter<'_>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         // policy.json judges the name that was asked for, before any registry is
@@ -454,10 +458,11 @@ impl Inner {
         let mut failed: Vec<SourceFailure> = Vec::new();
         let count = sources.len();
         for (i, source) in sources.iter().enumerate() {
-            match self
+            let result = self
                 .pull_source(reference, auth, source, &signatures, started)
-                .await
-            {
+                .await;
+            meter.tried(source, &result);
+            match result {
                 Ok(pulled) => return Ok(pulled),
                 // A source that cannot serve the image hands over to the next one; the
                 // last source's error is the pull's, with every earlier one listed.
@@ -523,6 +528,7 @@ impl Inner {
                         "pulled"
                     );
                     self.keyring.remember(&source.reference, candidate);
+                    self.settings.metrics.credential_attempt(candidate, true);
                     return Ok(Pulled {
                         image_id: target.0,
                         target: target.1,
@@ -541,6 +547,7 @@ impl Inner {
                         "credential refused; trying the next one"
                     );
                     attempts.push(attempt_of(candidate, status));
+                    self.settings.metrics.credential_attempt(candidate, false);
                 }
                 Err(e) => return Err(e),
             }
@@ -1247,6 +1254,7 @@ async fn fetch_blob_resuming(
             None => return writer.commit(labels).await.map_err(BlobError::Store),
             Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
                 tries += 1;
+                registry.metrics().registry_retry(&endpoint.host);
                 tracing::info!(blob = %desc.digest, error = %e, tries, offset = writer.offset(), "blob download broke off; resuming");
             }
             Some(e) => return Err(BlobError::Registry(Box::new(e))),
@@ -1275,6 +1283,7 @@ mod tests {
             max_concurrent_pulls: 0,
             lease_expiry: Duration::from_secs(60),
             pinned: vec!["busybox".into(), "registry.k8s.io/pause:*".into()],
+            metrics: Arc::default(),
         };
         let pinned = |r: &str| settings.is_pinned(&Reference::parse(r).unwrap());
         assert!(pinned("docker.io/library/busybox:latest"));

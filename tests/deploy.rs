@@ -256,8 +256,8 @@ fn broken_manifests_and_dockerfile_are_refused_by_name() {
             "is not a Prometheus duration",
         ),
         (
-            ("kubernetes/configmap.yaml", "    # [metrics]\n    # listen", "    [metrics]\n    listen"),
-            "kubernetes/configmap.yaml: [metrics] is live",
+            ("kubernetes/configmap.yaml", "listen = \"0.0.0.0:9102\"", "listen = \"0.0.0.0:9103\""),
+            "kubernetes/configmap.yaml: [metrics] listen '0.0.0.0:9103' is not on the container's metrics port",
         ),
         (
             ("kubelet/kubelet-config.yaml", "imageServiceEndpoint: unix:///run/cri-imaged", "imageServiceEndpoint: unix:///run/containerd"),

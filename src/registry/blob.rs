@@ -4,6 +4,7 @@
 use super::transport::next_data;
 use super::{BlobStream, Credential, Endpoint, NotFound, RegistryClient, RegistryError};
 use crate::digest::{Digest, Verifier};
+use crate::metrics::family::Counter;
 use crate::oci::Descriptor;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -56,7 +57,7 @@ impl RegistryClient {
             .get(endpoint, repository, &path, headers, credential, &subject)
             .await?;
         let status = response.status();
-        let state = if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
+        let mut state = if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
             check_content_range(&endpoint.host, response.headers(), offset)?;
             BlobBody::new(response.into_body(), &endpoint.host, digest, size, offset).idle(
                 self.inner.transport.idle_timeout(),
@@ -80,6 +81,7 @@ impl RegistryClient {
                 detail: format!("blob GET answered {status}, expected 200 or 206"),
             });
         };
+        state.downloaded = self.inner.metrics.downloaded_bytes(&endpoint.host);
         Ok(futures_util::stream::unfold(state, |mut st| async move {
             if st.done {
                 return None;
@@ -137,6 +139,8 @@ struct BlobBody {
     window_start: Instant,
     window_bytes: u64,
     done: bool,
+    /// Bytes off the wire, counted per registry.
+    downloaded: Counter,
 }
 
 impl BlobBody {
@@ -154,6 +158,7 @@ impl BlobBody {
             window_start: Instant::now(),
             window_bytes: 0,
             done: false,
+            downloaded: Counter::default(),
         }
     }
 
@@ -206,6 +211,7 @@ impl BlobBody {
                 return self.finish().map(|()| None);
             };
             self.position += chunk.len() as u64;
+            self.downloaded.add(chunk.len() as u64);
             self.check_rate(chunk.len() as u64)?;
             if self.position > self.size {
                 return Err(RegistryError::SizeMismatch {

@@ -28,6 +28,7 @@ pub use proxy::ProxySettings;
 pub(crate) use transport::redacted;
 pub use transport::{tls_files, TlsFiles};
 
+use crate::metrics::Metrics;
 use crate::oci::Descriptor;
 use bytes::Bytes;
 use challenge::Authenticator;
@@ -70,6 +71,8 @@ pub struct ClientSettings {
     pub realm_credentials: Option<Arc<dyn challenge::RealmCredentials>>,
     /// An HTTP proxy for registry and token traffic (`CONNECT` tunnels).
     pub proxy: Option<Arc<ProxySettings>>,
+    /// Where retries and blob bytes are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ClientSettings {
@@ -83,6 +86,7 @@ impl Default for ClientSettings {
             min_bytes_per_second: 0,
             realm_credentials: None,
             proxy: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -139,6 +143,7 @@ pub struct RegistryClient {
 struct Inner {
     transport: Transport,
     auth: Authenticator,
+    metrics: Arc<Metrics>,
 }
 
 impl RegistryClient {
@@ -147,8 +152,14 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 transport: Transport::new(&settings)?,
                 auth: Authenticator::new(settings.realm_credentials.clone()),
+                metrics: settings.metrics.clone(),
             }),
         })
+    }
+
+    /// Where this client counts retries and blob bytes (shared with the puller).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// [`Self::get_once`], again after a transient failure (a dropped or unanswered
@@ -180,6 +191,7 @@ impl RegistryClient {
                 Err(e) if retry < RETRIES && e.is_retryable() => {
                     let delay = retry_delay(retry, &e, self.inner.transport.idle_timeout());
                     retry += 1;
+                    self.inner.metrics.registry_retry(&endpoint.host);
                     tracing::info!(
                         registry = %endpoint.host,
                         path,

@@ -14,6 +14,8 @@ use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::cri::ImageServiceImpl;
+use crate::metrics::store::MeteredStore;
+use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyError};
 use crate::proto::image_service_server::ImageServiceServer;
 use crate::puller::{PullSettings, Puller};
@@ -85,12 +87,17 @@ pub enum ServerError {
 
 /// Builds the ImageService from configuration. containerd need not be up yet:
 /// calls made while it is down fail with `Unavailable` and the daemon keeps serving.
-pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
+/// Everything it does is counted in `metrics`.
+pub fn build_service(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<ImageServiceImpl, ServerError> {
     let address = config.containerd.address.to_string_lossy().into_owned();
-    let store: Arc<dyn ImageStore> = Arc::new(
+    let containerd: Arc<dyn ImageStore> = Arc::new(
         ContainerdStore::connect(&address, &config.containerd.namespace)?
             .with_direct_content(config.containerd.direct_content),
     );
+    let store: Arc<dyn ImageStore> = Arc::new(MeteredStore::new(containerd, metrics.clone()));
     let keyring = keyring(config)?;
     keyring.preload();
     let proxy = if config.registry.proxy.is_empty() {
@@ -112,6 +119,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         certs_d: Some(config.registry.certs_d.clone()),
         realm_credentials: Some(Arc::new(keyring.clone())),
         proxy: proxy.map(Arc::new),
+        metrics: metrics.clone(),
         ..ClientSettings::default()
     })?;
     let policy = registries_policy(config)?;
@@ -123,6 +131,7 @@ pub fn build_service(config: &Config) -> Result<ImageServiceImpl, ServerError> {
         max_concurrent_pulls: config.pull.max_concurrent_pulls,
         pinned: config.pull.pinned.clone(),
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),
+        metrics,
     };
     let trust = trust_policy(config)?;
     let puller = Puller::new(store.clone(), registry, policy, trust, keyring, settings);
@@ -214,7 +223,7 @@ fn credential_files(config: &Config) -> FileSettings {
 /// contacted), then reads every credential file strictly, since the daemon only
 /// logs a broken one. Returns the entries the daemon would skip, as warnings.
 pub fn check_config(config: &Config) -> Result<Vec<String>, ServerError> {
-    build_service(config)?;
+    build_service(config, Arc::default())?;
     Ok(credential_files(config).check()?.warnings)
 }
 

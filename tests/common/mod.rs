@@ -14,6 +14,8 @@
 //! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
 //! - [`proxy`]: an HTTP CONNECT proxy that records the tunnels asked of it.
+//! - [`prometheus`]: a real Prometheus scraping the daemon, `promtool check metrics`,
+//!   and a plain HTTP GET for `/metrics`.
 //! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //! - [`clients`]: stock gRPC clients (grpc-go as kubelet dials, Python grpcio) built
 //!   under target/ and run over a CRI socket; a recorder of the headers they send.
@@ -29,6 +31,7 @@ pub mod fake_registry;
 pub mod http_server;
 pub mod images;
 pub mod leftovers;
+pub mod prometheus;
 pub mod proxy;
 pub mod records;
 pub mod registry;

@@ -307,8 +307,8 @@ def check_objects(objects, deploy):
         fail("kubernetes/", "no ServiceMonitor")
     ok(svc_where, "metrics annotations, headless Service and ServiceMonitor agree")
 
-    # The config the pod reads: TOML, its socket is kubelet's endpoint and the
-    # metrics table is there but commented out until the binary knows it.
+    # The config the pod reads: TOML, its socket is kubelet's endpoint and metrics
+    # listen on the port the annotations, Service and ServiceMonitor name.
     text = get(cm, "data", "config.toml")
     try:
         config = tomllib.loads(text or "")
@@ -317,17 +317,16 @@ def check_objects(objects, deploy):
     listen = get(config, "server", "listen", default="/run/cri-imaged/cri-imaged.sock")
     if f"unix://{listen}" != CRI_IMAGED_SOCKET:
         fail(cm_where, f"[server] listen {listen} is not kubelet's endpoint {CRI_IMAGED_SOCKET}")
-    if "metrics" in config:
-        fail(cm_where, "[metrics] is live, but the current binary refuses unknown tables")
-    if not re.search(r'^# listen = "0\.0\.0\.0:9102"$', text, re.M):
-        fail(cm_where, "the commented [metrics] listen = \"0.0.0.0:9102\" is missing")
+    metrics_listen = get(config, "metrics", "listen", default="")
+    if metrics_listen.rsplit(":", 1)[-1] != str(ports.get("metrics")):
+        fail(cm_where, f"[metrics] listen {metrics_listen!r} is not on the container's metrics port {ports.get('metrics')}")
     if container.get("args", [])[-1:] != ["/etc/cri-imaged/config.toml"]:
         fail(ds_where, "args must end with the mounted config path")
     for probe in ("readinessProbe", "livenessProbe"):
         command = get(container, probe, "exec", "command", default=[])
         if command[:1] != [BINARY] or CRI_IMAGED_SOCKET not in command:
             fail(ds_where, f"{probe} must run {BINARY} against {CRI_IMAGED_SOCKET}")
-    ok(cm_where, "config.toml parses, serves kubelet's endpoint, metrics commented out")
+    ok(cm_where, "config.toml parses, serves kubelet's endpoint and metrics on the metrics port")
 
     # The flags file says what the config snippet says.
     flags = (deploy / "kubelet" / "kubelet-flags.env").read_text()
