@@ -24,6 +24,8 @@
 //! - [`reload`], [`file_stamp`]: configuration files re-read when they change.
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
 //! - [`explain`]: what a pull of an image would do, for `cri-imaged explain`.
+//! - [`progress`]: the pulls in flight and how far each got, fed by [`puller`], served
+//!   on the status socket and shown by `cri-imaged pulls`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -37,6 +39,7 @@ pub mod file_stamp;
 pub mod oci;
 pub mod platform;
 pub mod policy;
+pub mod progress;
 pub mod puller;
 pub mod reference;
 pub mod registry;

@@ -12,6 +12,7 @@ use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
 use crate::policy::short_names::Resolution;
 use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceKind};
+use crate::progress::{Progress, PullProgress};
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::reload::Reloading;
@@ -234,6 +235,8 @@ struct Inner {
     inflight: Mutex<HashMap<String, SharedPull>>,
     /// Node-wide pull slots (tokio's semaphore is fair: first come, first served).
     slots: Option<tokio::sync::Semaphore>,
+    /// Every pull in flight, for the status socket.
+    progress: Arc<Progress>,
 }
 
 impl Puller {
@@ -256,8 +259,14 @@ impl Puller {
                     .then(|| tokio::sync::Semaphore::new(settings.max_concurrent_pulls)),
                 settings,
                 inflight: Mutex::new(HashMap::new()),
+                progress: Progress::new(),
             }),
         }
+    }
+
+    /// The pulls in flight and how far each got.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.inner.progress.clone()
     }
 
     /// Pulls the image `name` as the user wrote it: a short name is tried at each of
@@ -335,9 +344,11 @@ impl Puller {
                 let inner = self.inner.clone();
                 let task_key = key.clone();
                 let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
+                    let tracked = inner.progress.begin(&reference.to_string());
                     let _slot = inner.slot(&reference).await;
+                    tracked.pull().resolving();
                     let result = inner
-                        .pull_once(&reference, auth.as_ref())
+                        .pull_once(&reference, auth.as_ref(), tracked.pull())
                         .await
                         .map_err(Arc::new);
                     inner
@@ -402,6 +413,7 @@ struct Attempting<'a> {
     source: &'a Source,
     credential: Option<&'a Credential>,
     signatures: &'a SignatureCheck,
+    progress: &'a Arc<PullProgress>,
 }
 
 /// policy.json's signature requirements for the image asked for, and where its
@@ -433,6 +445,7 @@ impl Inner {
         &self,
         reference: &Reference,
         auth: Option<&RequestAuth>,
+        progress: &Arc<PullProgress>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         // policy.json judges the name that was asked for, before any registry is
@@ -447,7 +460,7 @@ impl Inner {
         let count = sources.len();
         for (i, source) in sources.iter().enumerate() {
             match self
-                .pull_source(reference, auth, source, &signatures, started)
+                .pull_source(reference, auth, source, &signatures, started, progress)
                 .await
             {
                 Ok(pulled) => return Ok(pulled),
@@ -486,7 +499,9 @@ impl Inner {
         source: &Source,
         signatures: &SignatureCheck,
         started: Instant,
+        progress: &Arc<PullProgress>,
     ) -> Result<Pulled, PullError> {
+        progress.source(source);
         let mut attempts = Vec::new();
         // Credentials are looked up for the host contacted; the request's (kubelet's
         // match for the image) go only to the image's own registry, never to a mirror.
@@ -500,6 +515,7 @@ impl Inner {
                 source,
                 credential: candidate.credential.as_ref(),
                 signatures,
+                progress,
             };
             match self.pull_from(&attempt).await {
                 Ok(target) => {
@@ -675,6 +691,7 @@ impl Inner {
             ));
         }
 
+        at.progress.downloading(&manifest);
         let lease = self
             .store_call(at, self.store.create_lease(self.settings.lease_expiry))
             .await?;
@@ -728,6 +745,7 @@ impl Inner {
             &manifest.config,
             "config",
             labels,
+            at.progress,
         )
         .await
         .map_err(|e| e.into_pull_error(at.image, &at.source.endpoint.host))?;
@@ -795,6 +813,7 @@ impl Inner {
                 .await?;
                 tracing::debug!(layer = i, digest = %layer.digest, elapsed_ms = unpack_started.elapsed().as_millis() as u64, "layer unpacked");
             }
+            at.progress.layer_unpacked();
             parent = Some(chain_id);
         }
 
@@ -895,6 +914,7 @@ impl Inner {
         let source = at.source.clone();
         let credential = at.credential.cloned();
         let lease = lease.clone();
+        let progress = at.progress.clone();
         let dispatcher = tokio::spawn(async move {
             // Owning the set ties the downloads to the dispatcher: aborting it (when
             // the pull fails) drops the set, which aborts them all.
@@ -903,12 +923,13 @@ impl Inner {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let (store, registry, source, credential, lease) = (
+                let (store, registry, source, credential, lease, progress) = (
                     store.clone(),
                     registry.clone(),
                     source.clone(),
                     credential.clone(),
                     lease.clone(),
+                    progress.clone(),
                 );
                 running.spawn(async move {
                     let result = fetch_blob(
@@ -920,8 +941,12 @@ impl Inner {
                         &layer,
                         "layer",
                         labels,
+                        &progress,
                     )
                     .await;
+                    if result.is_ok() {
+                        progress.layer_stored();
+                    }
                     drop(permit);
                     let _ = done.send(result);
                 });
@@ -1156,6 +1181,7 @@ async fn fetch_blob(
     desc: &Descriptor,
     kind: &str,
     labels: Labels,
+    progress: &PullProgress,
 ) -> Result<(), BlobError> {
     let reference = ingest_ref(kind, &desc.digest);
     let started = Instant::now();
@@ -1169,6 +1195,7 @@ async fn fetch_blob(
         desc,
         &reference,
         labels,
+        progress,
     )
     .await;
     if result.is_ok() {
@@ -1189,6 +1216,7 @@ async fn fetch_blob_resuming(
     desc: &Descriptor,
     reference: &str,
     labels: Labels,
+    progress: &PullProgress,
 ) -> Result<(), BlobError> {
     // One writer for every try: it holds what arrived before a break (some of it not
     // yet sent to containerd), so the next request asks for the rest from there.
@@ -1197,9 +1225,13 @@ async fn fetch_blob_resuming(
         .await
         .map_err(BlobError::Store)?
     {
-        Ingest::Present => return Ok(()),
+        Ingest::Present => {
+            progress.add_bytes(desc.size);
+            return Ok(());
+        }
         Ingest::Writer(w) => w,
     };
+    progress.add_bytes(writer.offset());
     let mut tries = 0;
     loop {
         let offset = writer.offset();
@@ -1210,7 +1242,10 @@ async fn fetch_blob_resuming(
         let mut broken = None;
         while let Some(chunk) = body.next().await {
             match chunk {
-                Ok(bytes) => writer.write(bytes).await.map_err(BlobError::Store)?,
+                Ok(bytes) => {
+                    progress.add_bytes(bytes.len() as u64);
+                    writer.write(bytes).await.map_err(BlobError::Store)?
+                }
                 Err(e) => {
                     broken = Some(e);
                     break;
