@@ -4,9 +4,11 @@
 //!
 //! The puller feeds one [`PullProgress`] per pull; bytes are counted per chunk on an
 //! atomic, and a lock is taken only at state changes and at most every
-//! [`SAMPLE_EVERY`] for the rate's samples. [`view`] renders snapshots as text.
+//! [`SAMPLE_EVERY`] for the rate's samples. [`view`] renders snapshots as text and
+//! [`watch`] prints them for `cri-imaged pulls`.
 
 pub mod view;
+pub mod watch;
 
 use crate::oci::Manifest;
 use crate::policy::Source;
