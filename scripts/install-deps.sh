@@ -21,6 +21,7 @@ packages=(
   golang-google-grpc-dev      # grpc-go 1.33 sources (GOPATH mode): kubelet/crictl 1.26's gRPC
   golang-google-protobuf-dev  # google.golang.org/protobuf 1.28 (dynamicpb, protojson) for it
   python3-venv                # venv (pip from its bundled wheel) for the grpcio client
+  tmux                        # a real terminal for the `cri-imaged pulls --watch` test
 )
 
 installed() {
