@@ -1,7 +1,8 @@
 //! Live pull progress against the real daemon and a real containerd, during a pull
 //! the fake registry throttles: the status socket's JSON as bytes arrive,
 //! `cri-imaged pulls --watch` read off a real terminal (tmux), and the plain output
-//! when stdout is not a terminal. Waits are bounded; no time is asserted.
+//! when stdout is not a terminal; and a pull waiting for a slot shown as queued.
+//! Waits are bounded; no time is asserted.
 
 mod common;
 
@@ -384,4 +385,61 @@ async fn pulls_without_a_terminal_print_plain_lines() {
         "{all}"
     );
     assert_eq!(pulls_once(&socket), "no pulls in flight\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_waiting_for_a_slot_shows_as_queued() {
+    let fake = FakeRegistry::start();
+    let first = images::busybox().app_text("first\n").build();
+    let second = images::busybox().app_text("second\n").build();
+    let first_ref = fake.serve_image(&first, "progress/first");
+    let second_ref = fake.serve_image(&second, "progress/second");
+    // The first pull holds the only slot until its big layer is released.
+    let layer = first.host().layers[0].digest.clone();
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 4096)],
+        ..Default::default()
+    });
+    let containerd = containerd_without_cri();
+    let daemon = DaemonConfig::new(&containerd)
+        .registries_conf(&fake.insecure_entry())
+        .extra_toml("[pull]\nmax_concurrent_pulls = 1")
+        .start();
+    let socket = daemon.status_socket();
+    let start = |reference: &str| {
+        let (cri, reference) = (daemon.socket().to_path_buf(), reference.to_owned());
+        tokio::spawn(async move { cri_pull(&cri, &reference, None).await })
+    };
+
+    let first_pull = start(&first_ref);
+    poll("the first pull downloading", || {
+        let pulls = get_pulls(&socket);
+        let found = entry(&pulls, &first_ref).filter(|p| p["state"] == "downloading");
+        (found.map(|_| ()), pulls.to_string())
+    })
+    .await;
+    let second_pull = start(&second_ref);
+    let queued = poll("the second pull queued", || {
+        let pulls = get_pulls(&socket);
+        (entry(&pulls, &second_ref).cloned(), pulls.to_string())
+    })
+    .await;
+    assert_eq!(queued["state"], "queued", "{queued}");
+    assert_eq!(queued["source"], serde_json::Value::Null, "{queued}");
+    assert_eq!(
+        queued["layers"]["total"],
+        serde_json::Value::Null,
+        "{queued}"
+    );
+
+    fake.release(&layer);
+    for (pull, image) in [(first_pull, &first), (second_pull, &second)] {
+        let id = tokio::time::timeout(LIMIT, pull)
+            .await
+            .expect("the pull ends")
+            .expect("the pull task")
+            .unwrap_or_else(|s| panic!("{s}\n{}", daemon.log()));
+        assert_eq!(id, image.host().config.digest);
+    }
+    assert_eq!(get_pulls(&socket), serde_json::json!({"pulls": []}));
 }
