@@ -133,6 +133,15 @@ async fn poll<T>(what: &str, mut probe: impl FnMut() -> (Option<T>, String)) -> 
 async fn status_socket_reports_a_throttled_pull_as_bytes_arrive() {
     let t = Throttled::start("progress/json");
     let socket = t.daemon.status_socket();
+    let mode = std::fs::metadata(&socket)
+        .expect("the status socket")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o660,
+        "mode of {}",
+        socket.display()
+    );
     let idle = get_pulls(&socket);
     assert_eq!(idle, serde_json::json!({"pulls": []}));
 
