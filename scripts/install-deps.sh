@@ -23,6 +23,7 @@ packages=(
   python3-venv                # venv (pip from its bundled wheel): grpcio client, deploy/ checks
   systemd                     # systemd-analyze verify/security on deploy/'s units
   prometheus                  # promtool check metrics, and a real Prometheus scraping the daemon in tests
+  tmux                        # a real terminal for the `cri-imaged pulls --watch` test
 )
 
 installed() {

@@ -1,9 +1,12 @@
 //! A CRI ImageService client over a unix socket: what the `cri-imaged pull|images|
-//! inspecti|rmi|imagefsinfo` subcommands (crictl's image verbs) and the tests use.
+//! inspecti|rmi|imagefsinfo` subcommands (crictl's image verbs) and the tests use;
+//! and the status socket's client, for `cri-imaged pulls`.
 
+use crate::progress::Pulls;
 use crate::proto::image_service_client::ImageServiceClient;
+use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,75 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+}
+
+/// Why the status socket did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot connect to the status socket {path} (is cri-imaged running, with `[server] status_listen` there?): {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("status socket {path}: {source}")]
+    Http {
+        path: PathBuf,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("status socket {path}: GET /pulls answered {status}")]
+    Status {
+        path: PathBuf,
+        status: http::StatusCode,
+    },
+    #[error("status socket {path}: the answer is not the expected JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `GET /pulls` on the daemon's status socket: the pulls in flight.
+pub async fn pulls(path: &Path) -> Result<Pulls, StatusError> {
+    let http = |source| StatusError::Http {
+        path: path.to_path_buf(),
+        source,
+    };
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|source| StatusError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("/pulls")
+        .header(http::header::HOST, "localhost")
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("a constant request is well-formed");
+    let response = sender.send_request(request).await.map_err(http)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
+    connection.abort();
+    if status != http::StatusCode::OK {
+        return Err(StatusError::Status {
+            path: path.to_path_buf(),
+            status,
+        });
+    }
+    serde_json::from_slice(&body).map_err(|source| StatusError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parses `unix:///path` (or a bare absolute path) to the socket path.

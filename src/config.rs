@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// socket path grpc-go, grpc-core and grpc-java clients send) so hyper serves it.
     /// `false` only to measure what the rewrite costs: such clients then fail.
     pub rewrite_authority: bool,
+    /// Unix socket answering `GET /pulls` (HTTP/1.1, JSON) with the pulls in flight,
+    /// for `cri-imaged pulls`. A relative path is beside `listen`; empty: off.
+    pub status_listen: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -70,7 +73,20 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: PathBuf::from("/run/cri-imaged/cri-imaged.sock"),
             rewrite_authority: true,
+            status_listen: PathBuf::from("status.sock"),
         }
+    }
+}
+
+impl ServerConfig {
+    /// The status socket's path (`status_listen`, a relative one in `listen`'s
+    /// directory); `None` when it is turned off.
+    pub fn status_socket(&self) -> Option<PathBuf> {
+        if self.status_listen.as_os_str().is_empty() {
+            return None;
+        }
+        let dir = self.listen.parent().unwrap_or(Path::new(""));
+        Some(dir.join(&self.status_listen))
     }
 }
 
@@ -368,6 +384,12 @@ impl Config {
                 ));
             }
         }
+        if config.server.status_socket().as_ref() == Some(&config.server.listen) {
+            return Err(invalid(
+                "server.status_listen",
+                "must not be the socket server.listen names".into(),
+            ));
+        }
         Ok(config)
     }
 
@@ -424,6 +446,27 @@ mod tests {
             PathBuf::from("/var/lib/kubelet")
         );
         assert_eq!(c.platform().unwrap(), PlatformSpec::host());
+        assert_eq!(
+            c.server.status_socket(),
+            Some(PathBuf::from("/run/cri-imaged/status.sock"))
+        );
+    }
+
+    #[test]
+    fn status_socket_beside_listen_absolute_or_off() {
+        let c = parse("[server]\nlisten = \"/tmp/x/cri.sock\"\n").unwrap();
+        assert_eq!(
+            c.server.status_socket(),
+            Some(PathBuf::from("/tmp/x/status.sock"))
+        );
+        let c = parse("[server]\nstatus_listen = \"/run/s.sock\"\n").unwrap();
+        assert_eq!(c.server.status_socket(), Some(PathBuf::from("/run/s.sock")));
+        let c = parse("[server]\nstatus_listen = \"\"\n").unwrap();
+        assert_eq!(c.server.status_socket(), None);
+        let e = parse("[server]\nstatus_listen = \"cri-imaged.sock\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.status_listen"), "{e}");
     }
 
     #[test]
@@ -433,6 +476,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.server.listen, d.server.listen);
         assert_eq!(c.server.rewrite_authority, d.server.rewrite_authority);
+        assert_eq!(c.server.status_listen, d.server.status_listen);
         assert_eq!(c.registry.registries_conf_d, d.registry.registries_conf_d);
         assert_eq!(c.registry.policy_json, d.registry.policy_json);
         assert_eq!(c.registry.proxy, d.registry.proxy);

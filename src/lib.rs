@@ -29,6 +29,8 @@
 //! - [`signature`]: policy.json signature requirements, verified (GPG, sigstore).
 //! - [`metrics`]: Prometheus series recorded along the pull path, served on
 //!   `[metrics] listen`.
+//! - [`progress`]: the pulls in flight and how far each got, fed by [`puller`], served
+//!   on the status socket and shown by `cri-imaged pulls`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -45,6 +47,7 @@ pub mod oci;
 pub mod platform;
 pub mod policy;
 pub mod prepull;
+pub mod progress;
 pub mod puller;
 pub mod reference;
 pub mod registry;

@@ -90,6 +90,29 @@ enum Command {
     /// origin unless blocked) and the credentials each would try (keys and where they
     /// come from, never secrets).
     Explain { image: String },
+    /// Show the pulls in flight on this node (image, source, layers, bytes, rate,
+    /// ETA), read from the daemon's status socket.
+    Pulls {
+        /// Keep showing them: redrawn in place with a progress bar per pull on a
+        /// terminal, one plain line per pull and refresh otherwise. Ctrl-C stops.
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between refreshes with --watch (`500ms`, `2s`).
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// The daemon's status socket; default: `[server] status_listen` of --config
+        /// (or of the default configuration).
+        #[arg(long)]
+        status_socket: Option<PathBuf>,
+    },
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    cri_imaged::config::parse_duration(text).and_then(|d| {
+        (d > std::time::Duration::ZERO)
+            .then_some(d)
+            .ok_or("must not be zero".into())
+    })
 }
 
 #[derive(Args)]
@@ -123,6 +146,11 @@ fn main() -> ExitCode {
     match cli.command {
         None => runtime.block_on(serve(cli.config)),
         Some(Command::Explain { image }) => runtime.block_on(explain(cli.config, &image)),
+        Some(Command::Pulls {
+            watch,
+            interval,
+            status_socket,
+        }) => runtime.block_on(pulls(cli.config, watch, interval, status_socket)),
         Some(Command::CheckConfig) => {
             // The containerd client is built (not connected) inside a runtime.
             let _runtime = runtime.enter();
@@ -241,6 +269,22 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
     );
     let mut background = cri_imaged::prepull::spawn(service.puller(), &config.pull.prepull);
     background.push(service.fs_usage().spawn_refresher());
+    let status = match config.server.status_socket() {
+        Some(path) => match cri_imaged::server::bind(&path).await {
+            Ok(listener) => {
+                tracing::info!(socket = %path.display(), "serving pull progress (GET /pulls)");
+                let progress = service.progress();
+                let task = tokio::spawn(cri_imaged::server::status::serve(listener, progress));
+                Some((path, task))
+            }
+            Err(e) => {
+                eprintln!("cri-imaged: status socket ([server] status_listen): {e}");
+                let _ = std::fs::remove_file(&config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let edge = if config.server.rewrite_authority {
         cri_imaged::server::Edge::RewriteAuthority
     } else {
@@ -249,6 +293,10 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
     let result = cri_imaged::server::run(listener, service, edge, shutdown_signal()).await;
     background.iter().for_each(tokio::task::JoinHandle::abort);
     let _ = std::fs::remove_file(&config.server.listen);
+    if let Some((path, task)) = status {
+        task.abort();
+        let _ = std::fs::remove_file(path);
+    }
     match result {
         Ok(()) => {
             tracing::info!("shut down");
@@ -288,6 +336,44 @@ async fn explain(config_path: Option<PathBuf>, image: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("cri-imaged: printing JSON: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pulls`: the status socket from `--status-socket`, else from the configuration.
+async fn pulls(
+    config_path: Option<PathBuf>,
+    watch: bool,
+    interval: std::time::Duration,
+    status_socket: Option<PathBuf>,
+) -> ExitCode {
+    let socket = match status_socket {
+        Some(path) => path,
+        None => {
+            let config = match load_config(config_path.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match config.server.status_socket() {
+                Some(path) => path,
+                None => {
+                    let shown =
+                        config_path.map_or("the defaults".into(), |p| p.display().to_string());
+                    eprintln!("cri-imaged: the status socket is off (`[server] status_listen = \"\"` in {shown}); pass --status-socket");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    if watch {
+        cri_imaged::progress::watch::watch(&socket, interval).await;
+        return ExitCode::SUCCESS;
+    }
+    match cri_imaged::progress::watch::once(&socket).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
             ExitCode::FAILURE
         }
     }
@@ -468,7 +554,10 @@ async fn client(command: Command) -> anyhow::Result<()> {
             }
         }
         // Dispatched in `main`: it reads the config and talks to no daemon.
-        Command::Explain { .. } | Command::CheckConfig | Command::Version => {
+        Command::Explain { .. }
+        | Command::CheckConfig
+        | Command::Version
+        | Command::Pulls { .. } => {
             anyhow::bail!("not a client command")
         }
         Command::Imagefsinfo { endpoint } => {

@@ -13,6 +13,7 @@ use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
 use crate::policy::short_names::Resolution;
 use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceKind};
+use crate::progress::{Progress, PullProgress};
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::reload::Reloading;
@@ -244,6 +245,8 @@ struct Inner {
     inflight: Mutex<HashMap<String, SharedPull>>,
     /// Node-wide pull slots (tokio's semaphore is fair: first come, first served).
     slots: Option<tokio::sync::Semaphore>,
+    /// Every pull in flight, for the status socket.
+    progress: Arc<Progress>,
 }
 
 impl Puller {
@@ -266,8 +269,14 @@ impl Puller {
                     .then(|| tokio::sync::Semaphore::new(settings.max_concurrent_pulls)),
                 settings,
                 inflight: Mutex::new(HashMap::new()),
+                progress: Progress::new(),
             }),
         }
+    }
+
+    /// The pulls in flight and how far each got.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.inner.progress.clone()
     }
 
     /// Pulls the image `name` as the user wrote it: a short name is tried at each of
@@ -345,9 +354,13 @@ impl Puller {
                 let inner = self.inner.clone();
                 let task_key = key.clone();
                 let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
+                    let tracked = inner.progress.begin(&reference.to_string());
                     let _slot = inner.slot(&reference).await;
+                    tracked.pull().resolving();
                     let meter = inner.settings.metrics.pull_started();
-                    let result = inner.pull_once(&reference, auth.as_ref(), &meter).await;
+                    let result = inner
+                        .pull_once(&reference, auth.as_ref(), &meter, tracked.pull())
+                        .await;
                     meter.finish(&reference, &result);
                     let result = result.map_err(Arc::new);
                     inner
@@ -412,6 +425,7 @@ struct Attempting<'a> {
     source: &'a Source,
     credential: Option<&'a Credential>,
     signatures: &'a SignatureCheck,
+    progress: &'a Arc<PullProgress>,
 }
 
 /// policy.json's signature requirements for the image asked for (the name it must
@@ -445,6 +459,7 @@ impl Inner {
         reference: &Reference,
         auth: Option<&RequestAuth>,
         meter: &PullMeter<'_>,
+        progress: &Arc<PullProgress>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         // policy.json judges the name that was asked for, before any registry is
@@ -459,7 +474,7 @@ impl Inner {
         let count = sources.len();
         for (i, source) in sources.iter().enumerate() {
             let result = self
-                .pull_source(reference, auth, source, &signatures, started)
+                .pull_source(reference, auth, source, &signatures, started, progress)
                 .await;
             meter.tried(source, &result);
             match result {
@@ -499,7 +514,9 @@ impl Inner {
         source: &Source,
         signatures: &SignatureCheck,
         started: Instant,
+        progress: &Arc<PullProgress>,
     ) -> Result<Pulled, PullError> {
+        progress.source(source);
         let mut attempts = Vec::new();
         // Credentials are looked up for the host contacted; the request's (kubelet's
         // match for the image) go only to the image's own registry, never to a mirror.
@@ -513,6 +530,7 @@ impl Inner {
                 source,
                 credential: candidate.credential.as_ref(),
                 signatures,
+                progress,
             };
             match self.pull_from(&attempt).await {
                 Ok(target) => {
@@ -708,6 +726,7 @@ impl Inner {
             ));
         }
 
+        at.progress.downloading(&manifest);
         let lease = self
             .store_call(at, self.store.create_lease(self.settings.lease_expiry))
             .await?;
@@ -761,6 +780,7 @@ impl Inner {
             &manifest.config,
             "config",
             labels,
+            at.progress,
         )
         .await
         .map_err(|e| e.into_pull_error(at.image, &at.source.endpoint.host))?;
@@ -828,6 +848,7 @@ impl Inner {
                 .await?;
                 tracing::debug!(layer = i, digest = %layer.digest, elapsed_ms = unpack_started.elapsed().as_millis() as u64, "layer unpacked");
             }
+            at.progress.layer_unpacked();
             parent = Some(chain_id);
         }
 
@@ -928,6 +949,7 @@ impl Inner {
         let source = at.source.clone();
         let credential = at.credential.cloned();
         let lease = lease.clone();
+        let progress = at.progress.clone();
         let dispatcher = tokio::spawn(async move {
             // Owning the set ties the downloads to the dispatcher: aborting it (when
             // the pull fails) drops the set, which aborts them all.
@@ -936,12 +958,13 @@ impl Inner {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let (store, registry, source, credential, lease) = (
+                let (store, registry, source, credential, lease, progress) = (
                     store.clone(),
                     registry.clone(),
                     source.clone(),
                     credential.clone(),
                     lease.clone(),
+                    progress.clone(),
                 );
                 running.spawn(async move {
                     let result = fetch_blob(
@@ -953,8 +976,12 @@ impl Inner {
                         &layer,
                         "layer",
                         labels,
+                        &progress,
                     )
                     .await;
+                    if result.is_ok() {
+                        progress.layer_stored();
+                    }
                     drop(permit);
                     let _ = done.send(result);
                 });
@@ -1189,6 +1216,7 @@ async fn fetch_blob(
     desc: &Descriptor,
     kind: &str,
     labels: Labels,
+    progress: &PullProgress,
 ) -> Result<(), BlobError> {
     let reference = ingest_ref(kind, &desc.digest);
     let started = Instant::now();
@@ -1202,6 +1230,7 @@ async fn fetch_blob(
         desc,
         &reference,
         labels,
+        progress,
     )
     .await;
     if result.is_ok() {
@@ -1222,6 +1251,7 @@ async fn fetch_blob_resuming(
     desc: &Descriptor,
     reference: &str,
     labels: Labels,
+    progress: &PullProgress,
 ) -> Result<(), BlobError> {
     // One writer for every try: it holds what arrived before a break (some of it not
     // yet sent to containerd), so the next request asks for the rest from there.
@@ -1230,9 +1260,13 @@ async fn fetch_blob_resuming(
         .await
         .map_err(BlobError::Store)?
     {
-        Ingest::Present => return Ok(()),
+        Ingest::Present => {
+            progress.add_bytes(desc.size);
+            return Ok(());
+        }
         Ingest::Writer(w) => w,
     };
+    progress.add_bytes(writer.offset());
     let mut tries = 0;
     loop {
         let offset = writer.offset();
@@ -1243,7 +1277,10 @@ async fn fetch_blob_resuming(
         let mut broken = None;
         while let Some(chunk) = body.next().await {
             match chunk {
-                Ok(bytes) => writer.write(bytes).await.map_err(BlobError::Store)?,
+                Ok(bytes) => {
+                    progress.add_bytes(bytes.len() as u64);
+                    writer.write(bytes).await.map_err(BlobError::Store)?
+                }
                 Err(e) => {
                     broken = Some(e);
                     break;

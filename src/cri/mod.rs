@@ -44,6 +44,11 @@ impl ImageServiceImpl {
         &self.puller
     }
 
+    /// The pulls in flight, for the status socket.
+    pub fn progress(&self) -> Arc<crate::progress::Progress> {
+        self.puller.progress()
+    }
+
     async fn list(&self, filter: Option<proto::ImageFilter>) -> Result<Vec<proto::Image>, Error> {
         let wanted = filter
             .and_then(|f| f.image)

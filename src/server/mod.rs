@@ -4,9 +4,11 @@
 //! - [`h2_edge`]: each accepted connection's client → server bytes, re-framed so
 //!   that hyper accepts the `:authority` every gRPC client sends on a unix socket.
 //! - [`header_block`]: the HPACK rewrite of one header block.
+//! - [`status`]: the status socket, answering the pulls in flight as JSON.
 
 pub mod h2_edge;
 pub mod header_block;
+pub mod status;
 
 use crate::auth::files::FileSettings;
 use crate::auth::provider::{ProviderError, Providers};

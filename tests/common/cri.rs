@@ -498,6 +498,12 @@ impl Daemon {
         &self.socket
     }
 
+    /// The status socket (`[server] status_listen`, by default `status.sock` beside
+    /// the CRI socket).
+    pub fn status_socket(&self) -> PathBuf {
+        self.socket.with_file_name("status.sock")
+    }
+
     /// `unix:///…/cri-imaged.sock`, as `--image-endpoint` takes it.
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())
