@@ -84,6 +84,8 @@ pub struct PullProgress {
     started_at: SystemTime,
     started: Instant,
     bytes_done: AtomicU64,
+    /// Of `bytes_done`, what came off the wire (not found already stored).
+    bytes_fetched: AtomicU64,
     layers_stored: AtomicU64,
     layers_unpacked: AtomicU64,
     /// `SAMPLE_EVERY` periods since `started` at the last sample.
@@ -109,6 +111,7 @@ impl PullProgress {
             started_at: SystemTime::now(),
             started: Instant::now(),
             bytes_done: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
             layers_stored: AtomicU64::new(0),
             layers_unpacked: AtomicU64::new(0),
             last_sample: AtomicU64::new(u64::MAX),
@@ -134,6 +137,7 @@ impl PullProgress {
             ..Detail::default()
         };
         self.bytes_done.store(0, Ordering::Relaxed);
+        self.bytes_fetched.store(0, Ordering::Relaxed);
         self.layers_stored.store(0, Ordering::Relaxed);
         self.layers_unpacked.store(0, Ordering::Relaxed);
     }
@@ -160,6 +164,17 @@ impl PullProgress {
                 detail.samples.pop_front();
             }
         }
+    }
+
+    /// `n` more bytes of a blob arrived from the registry.
+    pub fn add_fetched(&self, n: u64) {
+        self.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+        self.add_bytes(n);
+    }
+
+    /// Bytes that came off the wire at the current source.
+    pub fn fetched(&self) -> u64 {
+        self.bytes_fetched.load(Ordering::Relaxed)
     }
 
     /// A layer is stored in the content store.

@@ -362,6 +362,9 @@ impl Puller {
                         .pull_once(&reference, auth.as_ref(), &meter, tracked.pull())
                         .await;
                     meter.finish(&reference, &result);
+                    if let Err(e) = &result {
+                        tracing::warn!(image = %reference, error = %e, "pull failed");
+                    }
                     let result = result.map_err(Arc::new);
                     inner
                         .inflight
@@ -534,6 +537,8 @@ impl Inner {
             };
             match self.pull_from(&attempt).await {
                 Ok(target) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    let bytes = progress.fetched();
                     tracing::info!(
                         source = %source.kind,
                         registry = %source.endpoint.host,
@@ -542,6 +547,10 @@ impl Inner {
                         kind = candidate.kind(),
                         refused_before = attempts.len(),
                         image_id = %target.0,
+                        digest = %target.1.digest,
+                        bytes,
+                        seconds = (seconds * 1000.0).round() / 1000.0,
+                        mb_per_s = (bytes as f64 / 1e6 / seconds.max(1e-3) * 10.0).round() / 10.0,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "pulled"
                     );
@@ -1278,7 +1287,7 @@ async fn fetch_blob_resuming(
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(bytes) => {
-                    progress.add_bytes(bytes.len() as u64);
+                    progress.add_fetched(bytes.len() as u64);
                     writer.write(bytes).await.map_err(BlobError::Store)?
                 }
                 Err(e) => {
