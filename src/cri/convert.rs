@@ -241,6 +241,9 @@ pub fn verbose_info(view: &ImageView) -> HashMap<String, String> {
     HashMap::from([("info".to_string(), info.to_string())])
 }
 
+/// ImageFsInfo's entry: images take their snapshots and their content-store blobs
+/// (one file each), so both count (containerd's CRI counts the snapshots only;
+/// kubelet's summary API reports this as the image filesystem's usage).
 pub fn filesystem_usage(usage: &FsUsage, timestamp_ns: i64) -> proto::FilesystemUsage {
     proto::FilesystemUsage {
         timestamp: timestamp_ns,
@@ -248,10 +251,10 @@ pub fn filesystem_usage(usage: &FsUsage, timestamp_ns: i64) -> proto::Filesystem
             mountpoint: usage.mountpoint.clone(),
         }),
         used_bytes: Some(proto::UInt64Value {
-            value: usage.used_bytes,
+            value: usage.used_bytes + usage.content_bytes,
         }),
         inodes_used: Some(proto::UInt64Value {
-            value: usage.inodes_used,
+            value: usage.inodes_used + usage.content_blobs,
         }),
     }
 }
@@ -259,6 +262,21 @@ pub fn filesystem_usage(usage: &FsUsage, timestamp_ns: i64) -> proto::Filesystem
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_filesystem_usage_counts_snapshots_and_content_blobs() {
+        let usage = FsUsage {
+            mountpoint: "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs".into(),
+            used_bytes: 1000,
+            inodes_used: 40,
+            content_bytes: 300,
+            content_blobs: 3,
+        };
+        let fs = filesystem_usage(&usage, 7);
+        assert_eq!(fs.used_bytes.map(|v| v.value), Some(1300));
+        assert_eq!(fs.inodes_used.map(|v| v.value), Some(43));
+        assert_eq!(fs.timestamp, 7);
+    }
     use crate::digest::Digest;
 
     #[test]

@@ -246,6 +246,8 @@ impl ImageStore for MemoryStore {
             mountpoint: format!("/memory/{snapshotter}"),
             used_bytes: sizes.clone().sum(),
             inodes_used: sizes.count() as u64,
+            content_bytes: inner.blobs.values().map(|(b, _)| b.len() as u64).sum(),
+            content_blobs: inner.blobs.len() as u64,
         })
     }
 }

@@ -57,8 +57,12 @@ pub struct Lease {
 pub struct FsUsage {
     /// The snapshotter's root directory on the host.
     pub mountpoint: String,
+    /// Summed over the snapshotter's snapshots.
     pub used_bytes: u64,
     pub inodes_used: u64,
+    /// The content store (compressed blobs: the other half of what images take).
+    pub content_bytes: u64,
+    pub content_blobs: u64,
 }
 
 /// Result of opening an ingest for a blob.

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::{
-    AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
-    WriteContentRequest, WriteContentResponse,
+    AbortRequest, Info, InfoRequest, ListContentRequest, ReadContentRequest, UpdateRequest,
+    WriteAction, WriteContentRequest, WriteContentResponse,
 };
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -35,6 +35,31 @@ const WRITES_IN_FLIGHT: usize = 4;
 impl ContainerdStore {
     fn content(&self) -> ContentClient<Channel> {
         ContentClient::new(self.channel.clone())
+    }
+
+    /// Bytes and blob count of the namespace's content store (Content.List).
+    pub(super) async fn content_usage(&self) -> Result<(u64, u64), StoreError> {
+        let request = self.request(
+            ListContentRequest {
+                filters: Vec::new(),
+            },
+            None,
+        )?;
+        let list_error = |status| self.status_error("Content.List", status, || "content".into());
+        let mut stream = self
+            .content()
+            .list(request)
+            .await
+            .map_err(list_error)?
+            .into_inner();
+        let (mut bytes, mut blobs) = (0u64, 0u64);
+        while let Some(page) = stream.message().await.map_err(list_error)? {
+            for info in page.info {
+                bytes += u64::try_from(info.size).unwrap_or_default();
+                blobs += 1;
+            }
+        }
+        Ok((bytes, blobs))
     }
 
     pub(super) async fn info(&self, digest: &Digest) -> Result<Option<ContentInfo>, StoreError> {

@@ -240,10 +240,13 @@ impl ContainerdStore {
             .fold((0u64, 0u64), |(b, i), (size, inodes)| {
                 (b + size, i + inodes)
             });
+        let (content_bytes, content_blobs) = self.content_usage().await?;
         Ok(FsUsage {
             mountpoint,
             used_bytes,
             inodes_used,
+            content_bytes,
+            content_blobs,
         })
     }
 
