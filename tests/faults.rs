@@ -792,3 +792,65 @@ async fn concurrent_pulls_of_images_sharing_a_layer_fetch_it_once() {
         .count();
     assert_eq!(layer_gets, 1, "the shared layer was fetched once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_cut_by_kill_9_resumes_its_blob_with_a_range_request_after_restart() {
+    let fake = FakeRegistry::start();
+    let image = images::random_image(8 << 20, 1, "1");
+    let reference = fake.serve_image(&image, "faults/killed");
+    let containerd = containerd();
+    let layer = big_layer(&image);
+    let sent = 6 << 20;
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), sent)],
+        ..Default::default()
+    });
+    let mut first = daemon(&containerd, &fake.insecure_entry());
+    let mut client = first.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    // What arrived is staged beside containerd's content before the process dies.
+    let staging = containerd
+        .root()
+        .join("io.containerd.content.v1.content/cri-imaged-ingest");
+    let staged = || -> u64 {
+        std::fs::read_dir(&staging)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(|| staged() >= 4 << 20).await,
+        "staged {} bytes",
+        staged()
+    );
+    first.kill();
+    let _ = pulling.await;
+    let kept = staged();
+    fake.set_faults(Faults::default());
+    fake.clear_requests();
+
+    let second = daemon(&containerd, &fake.insecure_entry());
+    pull(&second, &reference, None)
+        .await
+        .expect("the pull after the restart");
+    let ranges: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with(&layer))
+        .map(|r| r.header("range").unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        ranges,
+        [format!("bytes={kept}-")],
+        "resumed from what was staged"
+    );
+    assert_nothing_left(&containerd, &containerd.image_names(), "the resumed pull");
+    assert_eq!(staged(), 0, "the staged file is gone once the blob is in");
+}

@@ -26,7 +26,9 @@ use crate::oci::Descriptor;
 use async_trait::async_trait;
 use bytes::Bytes;
 use containerd_client::services::v1::leases_client::LeasesClient;
-use containerd_client::services::v1::{AddResourceRequest, CreateRequest, DeleteRequest, Resource};
+use containerd_client::services::v1::{
+    AddResourceRequest, CreateRequest, DeleteRequest, ListRequest, Resource,
+};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +52,8 @@ pub struct ContainerdStore {
     direct_content: bool,
     /// containerd's content directory, once containerd has told us where it is.
     direct: Arc<tokio::sync::OnceCell<Option<Arc<DirectContent>>>>,
+    /// Set once the leases of dead processes were let go (before our first lease).
+    stale_leases_cleared: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl std::fmt::Debug for ContainerdStore {
@@ -86,6 +90,7 @@ impl ContainerdStore {
             namespace: namespace_value,
             direct_content: true,
             direct: Arc::new(tokio::sync::OnceCell::new()),
+            stale_leases_cleared: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
@@ -119,6 +124,57 @@ impl ContainerdStore {
                 })
             })?;
         Ok(())
+    }
+
+    /// Deletes the pull leases of cri-imaged processes that died (`kill -9`, a crash,
+    /// a reboot) instead of waiting for them to expire, so the content they held is
+    /// collectable at once. Blobs they had half-downloaded are staged outside
+    /// containerd and resumed by the next pull. Failures are logged: the leases
+    /// expire by themselves.
+    async fn clear_stale_leases(&self) {
+        let request = match self.request(
+            ListRequest {
+                filters: Vec::new(),
+            },
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list leases to clear stale ones");
+                return;
+            }
+        };
+        let leases = match self.leases().list(request).await {
+            Ok(r) => r.into_inner().leases,
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "cannot list leases to clear stale ones; they expire by themselves");
+                return;
+            }
+        };
+        for lease in leases {
+            let Some(owner) = lease.labels.get(LABEL_LEASE_OWNER) else {
+                continue;
+            };
+            if !lease.id.starts_with("cri-imaged-") || !owner_is_gone(owner) {
+                continue;
+            }
+            match self
+                .delete_lease(
+                    &Lease {
+                        id: lease.id.clone(),
+                    },
+                    false,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(lease = %lease.id, owner = %owner, "deleted the lease of a cri-imaged that is gone")
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease.id, error = %e, "cannot delete a stale lease; it expires by itself")
+                }
+            }
+        }
     }
 
     /// Holds content found already present with the pull's lease.
@@ -209,6 +265,39 @@ fn unique_suffix() -> String {
     format!("{nanos}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Who holds a lease: this boot and process (`<boot id>/<pid>`).
+const LABEL_LEASE_OWNER: &str = "cri-imaged/owner";
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn lease_owner() -> String {
+    format!("{}/{}", boot_id(), std::process::id())
+}
+
+/// Whether the process named by an owner label is gone: another boot, or no such
+/// process. A process we cannot see (another PID namespace) counts as alive.
+fn owner_is_gone(owner: &str) -> bool {
+    let Some((boot, pid)) = owner.rsplit_once('/') else {
+        return false;
+    };
+    if boot != boot_id() {
+        return true;
+    }
+    match pid.parse::<u32>() {
+        Ok(pid) if pid == std::process::id() => false,
+        Ok(pid) => {
+            // Alive only if that PID is a cri-imaged: a recycled PID is not ours.
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            !comm.trim().starts_with("cri-imaged")
+        }
+        Err(_) => false,
+    }
+}
+
 /// Formats `time` as an RFC 3339 UTC timestamp with second precision, the form
 /// containerd's GC parses in `containerd.io/gc.expire`.
 fn rfc3339_utc(time: SystemTime) -> String {
@@ -252,9 +341,15 @@ fn from_proto_labels(labels: HashMap<String, String>) -> Labels {
 #[async_trait]
 impl ImageStore for ContainerdStore {
     async fn create_lease(&self, expire: Duration) -> Result<Lease, StoreError> {
+        self.stale_leases_cleared
+            .get_or_init(|| self.clear_stale_leases())
+            .await;
         let id = format!("cri-imaged-{}", unique_suffix());
         let expires_at = rfc3339_utc(SystemTime::now() + expire);
-        let labels = HashMap::from([(LABEL_GC_EXPIRE.to_string(), expires_at)]);
+        let labels = HashMap::from([
+            (LABEL_GC_EXPIRE.to_string(), expires_at),
+            (LABEL_LEASE_OWNER.to_string(), lease_owner()),
+        ]);
         let request = self.request(CreateRequest { id, labels }, None)?;
         let response = self
             .leases()
@@ -411,6 +506,16 @@ mod tests {
     fn rejects_a_namespace_that_cannot_be_a_header() {
         let err = ContainerdStore::connect("/nonexistent.sock", "k8s\nio").unwrap_err();
         assert!(matches!(err, StoreError::InvalidArgument { .. }), "{err}");
+    }
+
+    #[test]
+    fn lease_owners_of_other_boots_and_dead_processes_are_gone() {
+        assert!(!owner_is_gone(&lease_owner()));
+        assert!(owner_is_gone("another-boot/1"));
+        // PID 1 is alive, but it is not a cri-imaged.
+        assert!(owner_is_gone(&format!("{}/1", boot_id())));
+        assert!(owner_is_gone(&format!("{}/4194304", boot_id())));
+        assert!(!owner_is_gone("garbage"));
     }
 
     #[test]

@@ -545,6 +545,13 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Kills the daemon with SIGKILL (no cleanup of its own, as `kill -9`) and
+    /// waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the daemon now (SIGTERM, then SIGKILL) and returns its exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         terminate(&mut self.child, Duration::from_secs(10));

@@ -31,6 +31,9 @@ const CONTENT_PLUGIN_ID: &str = "content";
 const STAGING_DIR: &str = "cri-imaged-ingest";
 /// Buffered file writes: network chunks are small, a blocking write per chunk is not.
 const FILE_BUFFER: usize = 1 << 20;
+/// A staged file untouched this long is no pull's to resume (the default lease
+/// expiry, after which containerd has let go of the pull's other content too).
+const STALE_STAGED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Chunk size when the staged file has to be streamed through `Content.Write`.
 const STREAM_CHUNK: usize = 1 << 20;
 /// How long `discard` waits for a cancelled writer to let go of its staged file.
@@ -91,12 +94,26 @@ impl DirectContent {
                 return Ok(None);
             }
         }
-        // Files staged by an earlier run that died mid-pull: that pull's lease has
-        // expired or will, and nobody resumes them before this process writes anew.
+        // Files staged by an earlier run that died mid-pull (`kill -9`, a crash, a
+        // reboot) are kept: the next pull of that blob resumes from them with a
+        // Range request, and checks the whole blob's digest as ever. Ones older
+        // than [`STALE_STAGED`] belong to pulls nobody retried: removed.
         if let Ok(entries) = std::fs::read_dir(&staging) {
             for entry in entries.flatten() {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale staged blob");
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                match age {
+                    Some(age) if age < STALE_STAGED => {
+                        tracing::info!(path = %entry.path().display(), "keeping a blob staged by an earlier run; the next pull resumes it");
+                    }
+                    _ => {
+                        if let Err(e) = std::fs::remove_file(entry.path()) {
+                            tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale staged blob");
+                        }
+                    }
                 }
             }
         }
