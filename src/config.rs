@@ -64,8 +64,10 @@ pub struct ServerConfig {
     /// `false` only to measure what the rewrite costs: such clients then fail.
     pub rewrite_authority: bool,
     /// Unix socket answering `GET /pulls` (HTTP/1.1, JSON) with the pulls in flight,
-    /// for `cri-imaged pulls`. A relative path is beside `listen`; empty: off.
-    pub status_listen: PathBuf,
+    /// for `cri-imaged pulls`. Unset: `<listen's stem>.status.sock` beside `listen`
+    /// (so it is unique to this daemon); a relative path is beside `listen`;
+    /// empty: off.
+    pub status_listen: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -73,7 +75,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: PathBuf::from("/run/cri-imaged/cri-imaged.sock"),
             rewrite_authority: true,
-            status_listen: PathBuf::from("status.sock"),
+            status_listen: None,
         }
     }
 }
@@ -82,11 +84,19 @@ impl ServerConfig {
     /// The status socket's path (`status_listen`, a relative one in `listen`'s
     /// directory); `None` when it is turned off.
     pub fn status_socket(&self) -> Option<PathBuf> {
-        if self.status_listen.as_os_str().is_empty() {
-            return None;
-        }
         let dir = self.listen.parent().unwrap_or(Path::new(""));
-        Some(dir.join(&self.status_listen))
+        match &self.status_listen {
+            None => {
+                let stem = self
+                    .listen
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "cri-imaged".into());
+                Some(dir.join(format!("{stem}.status.sock")))
+            }
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(dir.join(path)),
+        }
     }
 }
 
@@ -448,7 +458,7 @@ mod tests {
         assert_eq!(c.platform().unwrap(), PlatformSpec::host());
         assert_eq!(
             c.server.status_socket(),
-            Some(PathBuf::from("/run/cri-imaged/status.sock"))
+            Some(PathBuf::from("/run/cri-imaged/cri-imaged.status.sock"))
         );
     }
 
@@ -457,7 +467,13 @@ mod tests {
         let c = parse("[server]\nlisten = \"/tmp/x/cri.sock\"\n").unwrap();
         assert_eq!(
             c.server.status_socket(),
-            Some(PathBuf::from("/tmp/x/status.sock"))
+            Some(PathBuf::from("/tmp/x/cri.status.sock"))
+        );
+        let c =
+            parse("[server]\nlisten = \"/tmp/x/cri.sock\"\nstatus_listen = \"st.sock\"\n").unwrap();
+        assert_eq!(
+            c.server.status_socket(),
+            Some(PathBuf::from("/tmp/x/st.sock"))
         );
         let c = parse("[server]\nstatus_listen = \"/run/s.sock\"\n").unwrap();
         assert_eq!(c.server.status_socket(), Some(PathBuf::from("/run/s.sock")));

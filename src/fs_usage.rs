@@ -71,20 +71,26 @@ impl FsUsageCache {
 
     /// The usage to report: cached when current; after our own writes, a fresh one
     /// if it comes within [`STALE_WAIT`]; computed at once when there is none yet.
-    pub async fn get(&self) -> Result<Sample, CatalogError> {
+    pub async fn get(self: &Arc<Self>) -> Result<Sample, CatalogError> {
         let cached = self.cached();
         match cached {
             Some(sample) if sample.generation == self.generation.load(Ordering::SeqCst) => {
                 Ok(sample)
             }
-            Some(stale) => match tokio::time::timeout(STALE_WAIT, self.compute(false)).await {
-                Ok(Ok(fresh)) => Ok(fresh),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "image filesystem usage failed; answering the last figure");
-                    Ok(stale)
+            Some(stale) => {
+                // In a task of its own, so a caller that stops waiting does not throw
+                // the work away: the figure lands in the cache for the next one.
+                let cache = self.clone();
+                let computing = tokio::spawn(async move { cache.compute(false).await });
+                match tokio::time::timeout(STALE_WAIT, computing).await {
+                    Ok(Ok(Ok(fresh))) => Ok(fresh),
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(error = %e, "image filesystem usage failed; answering the last figure");
+                        Ok(stale)
+                    }
+                    Ok(Err(_)) | Err(_) => Ok(stale),
                 }
-                Err(_) => Ok(stale),
-            },
+            }
             None => self.compute(false).await,
         }
     }

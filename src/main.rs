@@ -277,10 +277,10 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
                 let task = tokio::spawn(cri_imaged::server::status::serve(listener, progress));
                 Some((path, task))
             }
+            // The CRI matters more than its progress view: serve without it.
             Err(e) => {
-                eprintln!("cri-imaged: status socket ([server] status_listen): {e}");
-                let _ = std::fs::remove_file(&config.server.listen);
-                return ExitCode::FAILURE;
+                tracing::warn!(error = %e, "no status socket ([server] status_listen); `cri-imaged pulls` will not work");
+                None
             }
         },
         None => None,

@@ -301,6 +301,21 @@ impl Puller {
                 "resolved the image name"
             );
         }
+        let result = self.pull_candidates(name, candidates, auth).await;
+        if let Err(e) = &result {
+            // One line per failed pull, with the reason (after every candidate).
+            tracing::warn!(image = name, error = %e, "pull failed");
+        }
+        result
+    }
+
+    /// Each candidate of a resolved name in order, until one is pulled.
+    async fn pull_candidates(
+        &self,
+        name: &str,
+        candidates: Candidates,
+        auth: Option<RequestAuth>,
+    ) -> Result<Pulled, Arc<PullError>> {
         let count = candidates.references.len();
         let mut failed = Vec::new();
         for (i, reference) in candidates.references.into_iter().enumerate() {
@@ -362,9 +377,6 @@ impl Puller {
                         .pull_once(&reference, auth.as_ref(), &meter, tracked.pull())
                         .await;
                     meter.finish(&reference, &result);
-                    if let Err(e) = &result {
-                        tracing::warn!(image = %reference, error = %e, "pull failed");
-                    }
                     let result = result.map_err(Arc::new);
                     inner
                         .inflight
@@ -519,7 +531,6 @@ impl Inner {
         started: Instant,
         progress: &Arc<PullProgress>,
     ) -> Result<Pulled, PullError> {
-        progress.source(source);
         let mut attempts = Vec::new();
         // Credentials are looked up for the host contacted; the request's (kubelet's
         // match for the image) go only to the image's own registry, never to a mirror.
@@ -528,6 +539,10 @@ impl Inner {
         // Anonymous comes last and is reached only when every credential was
         // refused: any other failure ends the attempt at this source at once.
         for candidate in &candidates {
+            // Counts start over with each attempt: a refused credential's partial
+            // download is not this one's.
+            progress.source(source);
+            let attempt_started = Instant::now();
             let attempt = Attempting {
                 image: reference,
                 source,
@@ -537,7 +552,7 @@ impl Inner {
             };
             match self.pull_from(&attempt).await {
                 Ok(target) => {
-                    let seconds = started.elapsed().as_secs_f64();
+                    let seconds = attempt_started.elapsed().as_secs_f64();
                     let bytes = progress.fetched();
                     tracing::info!(
                         source = %source.kind,

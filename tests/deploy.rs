@@ -417,12 +417,6 @@ fn broken_example_copies_fail_check_config_naming_the_problem() {
             "",
         ),
         (
-            "var/lib/kubelet/config.json",
-            "\"auths\": {",
-            "\"auths\": [",
-            "not valid",
-        ),
-        (
             "etc/kubernetes/credential-provider.yaml",
             "apiVersion: credentialprovider.kubelet.k8s.io/v1",
             "apiVersion: credentialprovider.kubelet.k8s.io/v9",
@@ -460,4 +454,19 @@ fn broken_example_copies_fail_check_config_naming_the_problem() {
         // Never a secret from the credentials file.
         assert!(!stderr.contains("CHANGE-ME"), "{shown}");
     }
+    // kubelet's config.json is one of its search paths: a broken one is skipped by
+    // the daemon (as by kubelet), so check-config warns, naming it, and passes.
+    let root = node_root();
+    let config = rooted_config(root.path(), &example_config());
+    let path = root.path().join("var/lib/kubelet/config.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, original.replacen("\"auths\": {", "\"auths\": [", 1)).unwrap();
+    let out = check_config(root.path(), &config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        stderr.contains("warning") && stderr.contains("config.json") && stderr.contains("skipped"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("CHANGE-ME"), "{stderr}");
 }

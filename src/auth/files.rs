@@ -282,12 +282,35 @@ impl FileSettings {
     /// cannot be read or parsed is an error; an unusable entry is a warning.
     pub fn check(&self) -> Result<CheckReport, CheckError> {
         let mut files: Vec<(PathBuf, Format)> = Vec::new();
+        let mut report = CheckReport::default();
+        // kubelet's search paths are tried in order until one file reads; one that
+        // does not is skipped by the daemon too, so it is a warning here, not an
+        // error (the paths include the working directory, which differs between
+        // an operator's shell and the service).
         let [json, cfg] = self.node_search_paths();
         let node = json
             .into_iter()
             .map(|p| (p, Format::ConfigJson))
             .chain(cfg.into_iter().map(|p| (p, Format::Dockercfg)));
-        files.extend(node.filter(|(p, _)| p.exists()));
+        for (path, format) in node.filter(|(p, _)| p.exists()) {
+            let read = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| dockerconfig::parse(&bytes, format).map_err(|e| e.to_string()));
+            match read {
+                Ok(parsed) => {
+                    let shown = path.display();
+                    report
+                        .warnings
+                        .extend(parsed.warnings.iter().map(|w| format!("{shown}: {w}")));
+                    report.files.push(path);
+                    break;
+                }
+                Err(e) => report.warnings.push(format!(
+                    "{}: skipped (the next search path is tried): {e}",
+                    path.display()
+                )),
+            }
+        }
         for path in &self.files {
             if !path.exists() {
                 return Err(CheckError::MissingFile(path.clone()));
@@ -302,7 +325,6 @@ impl FileSettings {
                 })?,
             );
         }
-        let mut report = CheckReport::default();
         for (path, format) in files {
             let bytes = std::fs::read(&path).map_err(|source| CheckError::Read {
                 path: path.clone(),
@@ -521,7 +543,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn check_refuses_what_the_daemon_would_skip_and_warns_of_bad_entries() {
+    fn check_refuses_broken_configured_files_and_warns_of_skipped_ones() {
         let mut d = dirs();
         let node = d.root.join("kubelet/config.json");
         let secrets = d.root.join("secrets");
@@ -546,13 +568,19 @@ pub(super) mod tests {
         );
 
         let broken = |settings: &FileSettings| settings.check().unwrap_err().to_string();
+        // A node search-path file the daemon would skip is a warning: the daemon
+        // goes on to the next path, and the working directory in the list is the
+        // operator's shell's here, not the service's.
         write(&node, "{\"auths\": [\"secret\"]}");
-        let e = broken(&d.settings);
+        let report = d.settings.check().unwrap();
+        let w = report.warnings.join("\n");
         assert!(
-            e.contains(&node.display().to_string()) && e.contains("\"auths\""),
-            "{e}"
+            w.contains(&node.display().to_string())
+                && w.contains("\"auths\"")
+                && w.contains("skipped"),
+            "{w}"
         );
-        assert!(!e.contains("secret\""), "{e}");
+        assert!(!w.contains("secret\""), "{w}");
         std::fs::remove_file(&node).unwrap();
 
         let mut missing = d.settings.clone();

@@ -51,7 +51,13 @@ pub struct Metrics {
     retries: Family<Counter, 1>,
     stalls: Family<Counter, 1>,
     containerd_errors: Family<Counter, 2>,
+    /// Registry hosts given their own label value so far (at most [`MAX_HOSTS`]).
+    hosts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Distinct registry hosts labelled by name; later ones share `other`, so a pod
+/// spec naming random hosts cannot grow the series without bound.
+pub const MAX_HOSTS: usize = 64;
 
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -128,7 +134,22 @@ impl Metrics {
                 ["operation", "kind"],
                 Counter::default,
             ),
+            hosts: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// The `registry` label value for `host`: the host itself, or `other` once
+    /// [`MAX_HOSTS`] other hosts have their own.
+    fn host_label(&self, host: &str) -> String {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.contains(host) {
+            return host.to_string();
+        }
+        if hosts.len() < MAX_HOSTS {
+            hosts.insert(host.to_string());
+            return host.to_string();
+        }
+        "other".to_string()
     }
 
     /// Every series, process metrics included, in the text format 0.0.4.
@@ -173,12 +194,12 @@ impl Metrics {
 
     /// A request to `registry` is sent again after a transient failure.
     pub fn registry_retry(&self, registry: &str) {
-        self.retries.with([registry]).inc();
+        self.retries.with([&self.host_label(registry)]).inc();
     }
 
     /// The counter of blob bytes received from `registry`.
     pub fn downloaded_bytes(&self, registry: &str) -> Counter {
-        self.bytes.with([registry])
+        self.bytes.with([&self.host_label(registry)])
     }
 
     fn blob_cache_hit(&self, kind: &str) {
@@ -205,7 +226,8 @@ impl PullMeter<'_> {
     pub fn tried<T>(&self, source: &Source, result: &Result<T, PullError>) {
         if let Err(e) = result {
             if matches!(registry_error(e), Some(RegistryError::Stalled { .. })) {
-                self.metrics.stalls.with([&source.endpoint.host]).inc();
+                let host = self.metrics.host_label(&source.endpoint.host);
+                self.metrics.stalls.with([&host]).inc();
             }
         }
         let kind = match source.kind {
@@ -224,6 +246,7 @@ impl PullMeter<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or_else(|| (image.registry_host().to_string(), "none"));
+        let registry = self.metrics.host_label(&registry);
         let outcome = match result {
             Ok(_) => "success",
             Err(e) => failure_class(e),
@@ -365,6 +388,14 @@ mod tests {
         meter.finish(&image, &Err(refused));
         assert_eq!(metrics.pulls_in_flight.with([]).get(), 0);
         assert_eq!(metrics.pulls.with(["blocked", "r.io", "none"]).get(), 1);
+        for i in 0..MAX_HOSTS + 10 {
+            metrics.registry_retry(&format!("host-{i}.example"));
+        }
+        assert_eq!(
+            metrics.retries.with(["other"]).get(),
+            11,
+            "r.io and 63 more have names"
+        );
         let text = metrics.render();
         assert!(
             text.contains(

@@ -238,9 +238,19 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
             source,
         })?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(ServerError::InUse(path.to_path_buf()));
+        }
+        // Only a stale socket is ours to replace; any other file is someone's.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(ServerError::Bind {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ),
+            });
         }
         tracing::info!(socket = %path.display(), "replacing stale socket");
         std::fs::remove_file(path).map_err(|source| ServerError::Bind {

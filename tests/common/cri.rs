@@ -498,10 +498,15 @@ impl Daemon {
         &self.socket
     }
 
-    /// The status socket (`[server] status_listen`, by default `status.sock` beside
-    /// the CRI socket).
+    /// The status socket (`[server] status_listen`, by default named after the CRI
+    /// socket, beside it).
     pub fn status_socket(&self) -> PathBuf {
-        self.socket.with_file_name("status.sock")
+        let stem = self
+            .socket
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        self.socket.with_file_name(format!("{stem}.status.sock"))
     }
 
     /// `unix:///…/cri-imaged.sock`, as `--image-endpoint` takes it.
