@@ -394,6 +394,55 @@ fn configmap_config_passes_check_config() {
     assert!(shown.contains("configuration OK"), "{shown}");
 }
 
+/// The daemon itself started from each config where it is installed (containerd is
+/// not needed to serve: it is dialled on the first call that needs it): its CRI
+/// socket answers gRPC health, its status socket answers, and SIGTERM stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_from_each_example_config() {
+    // The ConfigMap's metrics port, on loopback and any free port here.
+    let configmap = configmap_config().replace("0.0.0.0:9102", "127.0.0.1:0");
+    for (name, config) in [
+        ("examples/config.toml", example_config()),
+        ("configmap", configmap),
+    ] {
+        let root = node_root();
+        let path = rooted_config(root.path(), &config);
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_cri-imaged"))
+            .arg("--config")
+            .arg(&path)
+            .current_dir(root.path())
+            .env("HOME", root.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let socket = root.path().join("run/cri-imaged/cri-imaged.sock");
+        let status = root.path().join("run/cri-imaged/cri-imaged.status.sock");
+        for _ in 0..200 {
+            if socket.exists() && status.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            socket.exists() && status.exists(),
+            "{name}: sockets {} and {}",
+            socket.display(),
+            status.display()
+        );
+        common::leftovers::assert_serving(&socket).await;
+        // SIGTERM: a clean stop that removes both sockets.
+        let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+        let exit = daemon.wait().unwrap();
+        assert!(exit.success(), "{name}: {exit}");
+        assert!(
+            !socket.exists() && !status.exists(),
+            "{name}: sockets left behind"
+        );
+    }
+}
+
 #[test]
 fn broken_example_copies_fail_check_config_naming_the_problem() {
     // (installed file, from, to, what stderr must name besides the file)
