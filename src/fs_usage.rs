@@ -52,11 +52,17 @@ impl FsUsageCache {
     pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak: Weak<FsUsageCache> = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REFRESH_EVERY);
+            let first = tokio::time::Instant::now() + REFRESH_EVERY;
+            let mut tick = tokio::time::interval_at(first, REFRESH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(cache) = weak.upgrade() else { return };
+                // Only once someone asked: a daemon nobody asks ImageFsInfo of does
+                // not dial containerd for it (it connects on first need).
+                if cache.cached().is_none() {
+                    continue;
+                }
                 if let Err(e) = cache.compute(true).await {
                     tracing::warn!(error = %e, "refreshing the image filesystem usage failed");
                 }
