@@ -240,35 +240,8 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let listener = match cri_imaged::server::bind(&config.server.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cri-imaged: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if !config.metrics.listen.is_empty() {
-        match cri_imaged::metrics::http::bind(&config.metrics.listen).await {
-            Ok(listener) => {
-                tracing::info!(address = %config.metrics.listen, "serving Prometheus metrics at /metrics");
-                tokio::spawn(cri_imaged::metrics::http::serve(listener, metrics));
-            }
-            Err(e) => {
-                eprintln!("cri-imaged: {e}");
-                let _ = std::fs::remove_file(&config.server.listen);
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    tracing::info!(
-        socket = %config.server.listen.display(),
-        containerd = %config.containerd.address.display(),
-        namespace = %config.containerd.namespace,
-        snapshotter = %config.containerd.snapshotter,
-        "serving runtime.v1.ImageService"
-    );
-    let mut background = cri_imaged::prepull::spawn(service.puller(), &config.pull.prepull);
-    background.push(service.fs_usage().spawn_refresher());
+    // The status and metrics endpoints first: once the CRI socket exists, a
+    // client (or a test) may expect them.
     let status = match config.server.status_socket() {
         Some(path) => match cri_imaged::server::bind(&path).await {
             Ok(listener) => {
@@ -285,6 +258,40 @@ async fn serve(config_path: Option<PathBuf>) -> ExitCode {
         },
         None => None,
     };
+    if !config.metrics.listen.is_empty() {
+        match cri_imaged::metrics::http::bind(&config.metrics.listen).await {
+            Ok(listener) => {
+                tracing::info!(address = %config.metrics.listen, "serving Prometheus metrics at /metrics");
+                tokio::spawn(cri_imaged::metrics::http::serve(listener, metrics));
+            }
+            Err(e) => {
+                eprintln!("cri-imaged: {e}");
+                if let Some((path, _)) = &status {
+                    let _ = std::fs::remove_file(path);
+                }
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let listener = match cri_imaged::server::bind(&config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cri-imaged: {e}");
+            if let Some((path, _)) = &status {
+                let _ = std::fs::remove_file(path);
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        socket = %config.server.listen.display(),
+        containerd = %config.containerd.address.display(),
+        namespace = %config.containerd.namespace,
+        snapshotter = %config.containerd.snapshotter,
+        "serving runtime.v1.ImageService"
+    );
+    let mut background = cri_imaged::prepull::spawn(service.puller(), &config.pull.prepull);
+    background.push(service.fs_usage().spawn_refresher());
     let edge = if config.server.rewrite_authority {
         cri_imaged::server::Edge::RewriteAuthority
     } else {
