@@ -19,7 +19,8 @@
 //! - [`auth`]: which credentials to try, in order.
 //! - [`registry`]: the distribution API client (challenge, token, manifest, blobs).
 //! - [`store`]: the `ImageStore` trait and its containerd implementation.
-//! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above.
+//! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above;
+//!   [`timestamp`]: RFC 3339 UTC times, as labels, messages and logs write them.
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`reload`], [`file_stamp`]: configuration files re-read when they change.
 //! - [`client`]: a CRI ImageService client over a unix socket (CLI and tests).
@@ -55,6 +56,7 @@ pub mod reload;
 pub mod server;
 pub mod signature;
 pub mod store;
+pub mod timestamp;
 pub mod trust_policy;
 
 /// Generated CRI v1 types and service stubs (`proto/runtime/v1/api.proto`).

@@ -4,7 +4,7 @@
 //! lines, without escapes, when stdout is not a terminal.
 
 use super::view::{self, NOTHING_IN_FLIGHT};
-use super::{rfc3339, Pulls};
+use super::Pulls;
 use crate::client::{self, StatusError};
 use std::io::{IsTerminal as _, Write};
 use std::path::Path;
@@ -86,7 +86,7 @@ async fn plain(socket: &Path, interval: Duration) {
     let mut idle_said = false;
     let mut last_error = String::new();
     loop {
-        let now = rfc3339(SystemTime::now());
+        let now = crate::timestamp::system(SystemTime::now());
         let lines = match client::pulls(socket).await {
             Ok(Pulls { pulls }) if pulls.is_empty() => {
                 let said = idle_said;

@@ -592,24 +592,7 @@ fn fingerprint_hex(fingerprint: &Fingerprint) -> String {
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch.
 fn utc(secs: &u64) -> String {
-    let days = secs / 86_400;
-    let rest = secs % 86_400;
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (never negative here).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3_600,
-        rest % 3_600 / 60,
-        rest % 60
-    )
+    crate::timestamp::unix(i64::try_from(*secs).unwrap_or(i64::MAX))
 }
 
 /// Parses every transferable public key in one source.
@@ -1040,13 +1023,5 @@ mod tests {
             ),
             "{error}"
         );
-    }
-
-    #[test]
-    fn utc_formats_unix_seconds() {
-        assert_eq!(utc(&0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(&1_750_759_200), "2025-06-24T10:00:00Z");
-        assert_eq!(utc(&951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(&1_458_239_713), "2016-03-17T18:35:13Z");
     }
 }

@@ -285,14 +285,14 @@ fn verify_chain(
     );
     if secs_i64 < not_before {
         return Err(CertError::LeafNotYetValid {
-            at: format_unix(secs_i64),
-            not_before: format_unix(not_before),
+            at: crate::timestamp::unix(secs_i64),
+            not_before: crate::timestamp::unix(not_before),
         });
     }
     if secs_i64 > not_after {
         return Err(CertError::LeafExpired {
-            at: format_unix(secs_i64),
-            not_after: format_unix(not_after),
+            at: crate::timestamp::unix(secs_i64),
+            not_after: crate::timestamp::unix(not_after),
         });
     }
 
@@ -346,11 +346,11 @@ fn verify_chain(
         .map_err(|e| match e {
             webpki::Error::UnknownIssuer => CertError::NoPathToTrustedRoot,
             webpki::Error::CertExpired { time, not_after } => CertError::ChainExpired {
-                at: format_unix(unix_secs(time)),
-                not_after: format_unix(unix_secs(not_after)),
+                at: crate::timestamp::unix(unix_secs(time)),
+                not_after: crate::timestamp::unix(unix_secs(not_after)),
             },
             webpki::Error::CertNotValidYet { time, .. } => CertError::ChainNotYetValid {
-                at: format_unix(unix_secs(time)),
+                at: crate::timestamp::unix(unix_secs(time)),
             },
             webpki::Error::RequiredEkuNotFoundContext(_) => CertError::CodeSigningNotAllowed,
             other => CertError::InvalidChain(other),
@@ -545,28 +545,6 @@ fn der_utf8_string(der: &[u8]) -> Result<String, &'static str> {
         return Err("length does not match the value (truncated or trailing data)");
     }
     String::from_utf8(rest.to_vec()).map_err(|_| "not UTF-8")
-}
-
-/// `secs` since the epoch as RFC 3339 UTC, e.g. `2022-12-12T18:58:18Z`.
-fn format_unix(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let day_secs = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        day_secs / 3600,
-        day_secs / 60 % 60,
-        day_secs % 60
-    )
 }
 
 #[cfg(test)]
@@ -973,12 +951,5 @@ mod tests {
         assert!(der_utf8_string(b"\x0c\x02abc").is_err());
         assert!(der_utf8_string(b"\x13\x03abc").is_err());
         assert!(der_utf8_string(b"\x0c\x81\x03abc").is_err());
-    }
-
-    #[test]
-    fn format_unix_gives_rfc3339_utc() {
-        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_unix(1_670_870_899), "2022-12-12T18:48:19Z");
-        assert_eq!(format_unix(951_825_600), "2000-02-29T12:00:00Z");
     }
 }

@@ -298,38 +298,6 @@ fn owner_is_gone(owner: &str) -> bool {
     }
 }
 
-/// Formats `time` as an RFC 3339 UTC timestamp with second precision, the form
-/// containerd's GC parses in `containerd.io/gc.expire`.
-fn rfc3339_utc(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar),
-    // counting in 400-year eras that start on March 1st so leap days fall last.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 fn to_proto_labels(labels: &Labels) -> HashMap<String, String> {
     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
@@ -345,7 +313,7 @@ impl ImageStore for ContainerdStore {
             .get_or_init(|| self.clear_stale_leases())
             .await;
         let id = format!("cri-imaged-{}", unique_suffix());
-        let expires_at = rfc3339_utc(SystemTime::now() + expire);
+        let expires_at = crate::timestamp::system(SystemTime::now() + expire);
         let labels = HashMap::from([
             (LABEL_GC_EXPIRE.to_string(), expires_at),
             (LABEL_LEASE_OWNER.to_string(), lease_owner()),
@@ -490,17 +458,6 @@ fn unavailable_detail(status: &tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_rfc3339_in_utc() {
-        let at = |secs| rfc3339_utc(UNIX_EPOCH + Duration::from_secs(secs));
-        assert_eq!(at(0), "1970-01-01T00:00:00Z");
-        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(at(951_868_799), "2000-02-29T23:59:59Z");
-        assert_eq!(at(951_868_800), "2000-03-01T00:00:00Z");
-        assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00Z");
-    }
 
     #[test]
     fn rejects_a_namespace_that_cannot_be_a_header() {
