@@ -691,17 +691,10 @@ mod tests {
 
     use super::*;
 
-    const FIXTURES: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/containers-image-signature"
-    );
     const TEST_KEY: &str = "08CD26E446E2E95249B7A405E932F44B23E8DD43";
     const SUBKEY_PRIMARY: &str = "B9F4CDB9FD8C475BFA340AC38D54A947EE396F36";
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{FIXTURES}/{name}");
-        std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read fixture {path}: {error}"))
-    }
+    use crate::signature::fixtures::read as fixture;
 
     fn keyring(files: &[&str]) -> GpgKeyring {
         let sources: Vec<Vec<u8>> = files.iter().map(|file| fixture(file)).collect();

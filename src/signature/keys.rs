@@ -305,15 +305,7 @@ mod tests {
     use super::*;
     use base64::Engine as _;
 
-    const FIXTURES: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/containers-image-signature"
-    );
-
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{FIXTURES}/{name}");
-        std::fs::read(&path).unwrap_or_else(|e| panic!("reading fixture {path}: {e}"))
-    }
+    use crate::signature::fixtures::read as fixture;
 
     fn key(name: &str) -> PublicKey {
         PublicKey::from_pem(&fixture(name)).unwrap()

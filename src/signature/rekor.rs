@@ -255,16 +255,9 @@ mod tests {
     use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
     use serde_json::{json, Value};
 
-    const FIXTURES: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/containers-image-signature"
-    );
     const REKOR_SET_TIME: u64 = 1_670_870_899;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{FIXTURES}/{name}");
-        std::fs::read(&path).unwrap_or_else(|e| panic!("reading fixture {path}: {e}"))
-    }
+    use crate::signature::fixtures::read as fixture;
 
     fn key(name: &str) -> PublicKey {
         PublicKey::from_pem(&fixture(name)).unwrap()

@@ -552,17 +552,10 @@ mod tests {
     use super::*;
     use base64::Engine as _;
 
-    const FIXTURES: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/containers-image-signature"
-    );
     /// integratedTime of `rekor-set`, inside `fulcio-cert`'s ten minutes.
     const REKOR_SET_TIME: u64 = 1_670_870_899;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{FIXTURES}/{name}");
-        std::fs::read(&path).unwrap_or_else(|e| panic!("reading fixture {path}: {e}"))
-    }
+    use crate::signature::fixtures::read as fixture;
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
