@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Manifests and configs above this size are refused.
@@ -144,6 +144,9 @@ pub enum PullError {
     },
     #[error("pulling {image}: download task failed: {detail}")]
     Task { image: String, detail: String },
+    /// Every caller of the pull went away before it finished.
+    #[error("pulling {image}: cancelled, every caller went away")]
+    Cancelled { image: String },
     #[error("{0}")]
     Blocked(#[from] Blocked),
     #[error("{0}")]
@@ -210,6 +213,7 @@ impl PullError {
             PullError::Auth(_)
             | PullError::Store { .. }
             | PullError::Task { .. }
+            | PullError::Cancelled { .. }
             | PullError::Blocked(_)
             | PullError::Refused(_)
             | PullError::ShortName(_)
@@ -229,6 +233,59 @@ fn list(attempts: &[impl ToString]) -> String {
 
 type SharedPull = Shared<BoxFuture<'static, Result<Pulled, Arc<PullError>>>>;
 
+/// A pull under way and the callers waiting for it.
+struct InflightPull {
+    result: SharedPull,
+    /// Callers awaiting `result`: when the last goes away unanswered, the pull is
+    /// cancelled (its downloads stop and its lease is released).
+    callers: usize,
+    /// Told when the last caller went away; also this pull's identity in the map
+    /// (a new pull of the same image may take the key once this one is cancelled).
+    cancel: Arc<Notify>,
+}
+
+type Inflight = Mutex<HashMap<String, InflightPull>>;
+
+/// One caller's share of an in-flight pull; dropping it (the caller went away, or
+/// got its answer) gives the share back.
+struct Caller<'a> {
+    inflight: &'a Inflight,
+    key: String,
+    cancel: Arc<Notify>,
+}
+
+impl Drop for Caller<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(self.inflight);
+        let Some(entry) = inflight.get_mut(&self.key) else {
+            return; // finished: the pull removed its own entry
+        };
+        if !Arc::ptr_eq(&entry.cancel, &self.cancel) {
+            return; // a later pull of the same image
+        }
+        entry.callers -= 1;
+        if entry.callers == 0 {
+            inflight.remove(&self.key);
+            self.cancel.notify_one();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes the pull's own entry (not a later pull's under the same key).
+fn remove_entry(inflight: &Inflight, key: &str, cancel: &Arc<Notify>) {
+    let mut inflight = lock(inflight);
+    if inflight
+        .get(key)
+        .is_some_and(|e| Arc::ptr_eq(&e.cancel, cancel))
+    {
+        inflight.remove(key);
+    }
+}
+
 /// Pulls images; cheap to clone.
 #[derive(Clone)]
 pub struct Puller {
@@ -242,7 +299,7 @@ struct Inner {
     trust: Reloading<TrustPolicy>,
     keyring: Keyring,
     settings: PullSettings,
-    inflight: Mutex<HashMap<String, SharedPull>>,
+    inflight: Inflight,
     /// Node-wide pull slots (tokio's semaphore is fair: first come, first served).
     slots: Option<tokio::sync::Semaphore>,
     /// Every pull in flight, for the status socket.
@@ -348,69 +405,107 @@ impl Puller {
 
     /// Pulls `reference`. A pull of the same reference with the same request
     /// credentials already under way is joined rather than repeated. The pull runs
-    /// in its own task, so a caller that goes away does not waste the work done.
+    /// in its own task for as long as someone waits for it: when the last caller goes
+    /// away (kubelet's context cancelled), it is cancelled, so its downloads stop and
+    /// its lease is released; blobs staged so far are kept for the next pull to resume.
     pub async fn pull(
         &self,
         reference: Reference,
         auth: Option<RequestAuth>,
     ) -> Result<Pulled, Arc<PullError>> {
         let key = inflight_key(&reference, auth.as_ref());
-        let reference_text = reference.to_string();
-        let shared = {
-            let mut inflight = self
-                .inner
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(existing) = inflight.get(&key) {
-                tracing::debug!(image = %reference, "joining a pull already under way");
-                existing.clone()
-            } else {
-                let inner = self.inner.clone();
-                let task_key = key.clone();
-                let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
-                    let tracked = inner.progress.begin(&reference.to_string());
-                    let _slot = inner.slot(&reference).await;
-                    tracked.pull().resolving();
-                    let meter = inner.settings.metrics.pull_started();
-                    let result = inner
-                        .pull_once(&reference, auth.as_ref(), &meter, tracked.pull())
-                        .await;
-                    meter.finish(&reference, &result);
-                    let result = result.map_err(Arc::new);
-                    inner
-                        .inflight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&task_key);
-                    result
-                });
-                let image = reference_text;
-                let inner = self.inner.clone();
-                let failed_key = key.clone();
-                let fut: BoxFuture<'static, Result<Pulled, Arc<PullError>>> = async move {
-                    handle.await.unwrap_or_else(|e| {
-                        // The task panicked before removing its entry: remove it here,
-                        // or every later pull of this image would get this error.
-                        inner
-                            .inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&failed_key);
-                        Err(Arc::new(PullError::Task {
-                            image,
-                            detail: e.to_string(),
-                        }))
+        let (result, caller) = {
+            let mut inflight = lock(&self.inner.inflight);
+            let entry = match inflight.get_mut(&key) {
+                Some(existing) => {
+                    tracing::debug!(image = %reference, "joining a pull already under way");
+                    existing
+                }
+                None => {
+                    let cancel = Arc::new(Notify::new());
+                    let result = self.spawn_pull(reference, auth, key.clone(), cancel.clone());
+                    inflight.entry(key.clone()).or_insert(InflightPull {
+                        result,
+                        callers: 0,
+                        cancel,
                     })
                 }
-                .boxed();
-                let shared = fut.shared();
-                inflight.insert(key, shared.clone());
-                shared
-            }
+            };
+            entry.callers += 1;
+            let caller = Caller {
+                inflight: &self.inner.inflight,
+                key,
+                cancel: entry.cancel.clone(),
+            };
+            (entry.result.clone(), caller)
         };
-        shared.await
+        let result = result.await;
+        drop(caller);
+        result
     }
+
+    /// Starts the task of one pull; it ends with the pull, or when `cancel` is told.
+    fn spawn_pull(
+        &self,
+        reference: Reference,
+        auth: Option<RequestAuth>,
+        key: String,
+        cancel: Arc<Notify>,
+    ) -> SharedPull {
+        let inner = self.inner.clone();
+        let (task_key, task_cancel) = (key.clone(), cancel.clone());
+        let handle: JoinHandle<Result<Pulled, Arc<PullError>>> = tokio::spawn(async move {
+            let tracked = inner.progress.begin(&reference.to_string());
+            let cancelled = || {
+                tracing::info!(image = %reference, "pull cancelled: every caller went away");
+                PullError::Cancelled {
+                    image: reference.to_string(),
+                }
+            };
+            // Losing a race to `cancel` drops the pull where it stands: the slot is
+            // given back, downloads are aborted and the lease released by the guards
+            // that own them.
+            let result = async {
+                let _slot = tokio::select! {
+                    slot = inner.slot(&reference) => slot,
+                    () = task_cancel.notified() => return Err(cancelled()),
+                };
+                tracked.pull().resolving();
+                let meter = inner.settings.metrics.pull_started();
+                let result = tokio::select! {
+                    result = inner.pull_once(&reference, auth.as_ref(), &meter, tracked.pull()) => result,
+                    () = task_cancel.notified() => Err(cancelled()),
+                };
+                meter.finish(&reference, &result);
+                result
+            }
+            .await;
+            remove_entry(&inner.inflight, &task_key, &task_cancel);
+            result.map_err(Arc::new)
+        });
+        let image = reference_text(&key);
+        let inner = self.inner.clone();
+        async move {
+            handle.await.unwrap_or_else(|e| {
+                // The task panicked before removing its entry: remove it here, or
+                // every later pull of this image would get this error.
+                remove_entry(&inner.inflight, &key, &cancel);
+                Err(Arc::new(PullError::Task {
+                    image,
+                    detail: e.to_string(),
+                }))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+/// The image part of an in-flight key.
+fn reference_text(key: &str) -> String {
+    key.split_once(' ')
+        .map_or(key, |(image, _)| image)
+        .to_string()
 }
 
 /// Pulls are shared only between callers presenting the same credentials: one
@@ -754,30 +849,22 @@ impl Inner {
         let lease = self
             .store_call(at, self.store.create_lease(self.settings.lease_expiry))
             .await?;
+        let cleanup = LeaseCleanup {
+            store: self.store.clone(),
+            lease: Some(lease.clone()),
+            ingests: std::iter::once(ingest_ref("config", &manifest.config.digest))
+                .chain(
+                    manifest
+                        .layers
+                        .iter()
+                        .map(|l| ingest_ref("layer", &l.digest)),
+                )
+                .collect(),
+        };
         let result = self
             .fetch_and_unpack(at, &lease, &manifest_desc, manifest_body, &manifest, index)
             .await;
-        if result.is_err() {
-            // Downloads cancelled by the failure did not clean up after themselves.
-            for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                let kind = if blob.digest == manifest.config.digest {
-                    "config"
-                } else {
-                    "layer"
-                };
-                if let Err(e) = self
-                    .store
-                    .abort_ingest(&ingest_ref(kind, &blob.digest))
-                    .await
-                {
-                    tracing::debug!(blob = %blob.digest, error = %e, "could not abort the ingest");
-                }
-            }
-        }
-        // On failure, collect synchronously: a failed pull leaves nothing behind.
-        if let Err(e) = self.store.delete_lease(&lease, result.is_err()).await {
-            tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
-        }
+        cleanup.run(result.is_err()).await;
         result
     }
 
@@ -1175,6 +1262,63 @@ fn distribution_source_label(reference: &Reference) -> (String, String) {
         ),
         reference.path().to_string(),
     )
+}
+
+/// Releases a pull's lease when the pull is done, failed, or was dropped where it
+/// stood (cancelled): what it wrote and no record references is collected.
+struct LeaseCleanup {
+    store: Arc<dyn ImageStore>,
+    /// `None` once released.
+    lease: Option<Lease>,
+    /// The pull's ingest references (config, then layers).
+    ingests: Vec<String>,
+}
+
+impl LeaseCleanup {
+    /// After a failure, partial ingests are dropped too (downloads cancelled by the
+    /// failure did not clean up after themselves), and containerd collects before
+    /// this returns, so a failed pull leaves nothing behind.
+    async fn run(mut self, failed: bool) {
+        if let Some(lease) = self.lease.take() {
+            release(
+                &self.store,
+                &lease,
+                failed.then_some(&self.ingests[..]),
+                failed,
+            )
+            .await;
+        }
+    }
+}
+
+impl Drop for LeaseCleanup {
+    /// Dropped unfinished: the pull was cancelled. Its staged blobs stay for the
+    /// next pull to resume (as after a restart); the lease goes at once instead of
+    /// expiring in `lease_expiry`.
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let store = self.store.clone();
+            tokio::spawn(async move { release(&store, &lease, None, true).await });
+        }
+    }
+}
+
+/// Drops `abort_ingests`, then deletes `lease`; with `collect`, containerd collects
+/// what it held before this returns.
+async fn release(
+    store: &Arc<dyn ImageStore>,
+    lease: &Lease,
+    abort_ingests: Option<&[String]>,
+    collect: bool,
+) {
+    for reference in abort_ingests.unwrap_or_default() {
+        if let Err(e) = store.abort_ingest(reference).await {
+            tracing::debug!(ingest = %reference, error = %e, "could not abort the ingest");
+        }
+    }
+    if let Err(e) = store.delete_lease(lease, collect).await {
+        tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
+    }
 }
 
 /// The layer downloads of one pull, each result arriving on its own channel;

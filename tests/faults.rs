@@ -422,6 +422,134 @@ async fn client_giving_up_mid_pull_leaves_the_daemon_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_whose_only_caller_went_away_stops_downloading_and_releases_its_lease() {
+    let fake = FakeRegistry::start();
+    let image = images::random_image(8 << 20, 1, "cancelled");
+    let reference = fake.serve_image(&image, "faults/cancelled");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layer = big_layer(&image);
+    // 640 KiB/s: the 8 MiB layer would take 13 s.
+    fake.set_faults(Faults {
+        trickle_blobs: vec![(layer.clone(), 64 << 10)],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    // Until the daemon has staged some of it (it writes in 1 MiB steps).
+    let downloading = wait_until(|| {
+        fake.bodies_sending() == 1
+            && leftovers::staged_blobs(&containerd)
+                .iter()
+                .any(|(_, size)| *size >= 1 << 20)
+    })
+    .await;
+    assert!(downloading, "the layer download never got far");
+    // `ctr leases ls` prints a header line, then one line per lease.
+    let leases = || containerd.ctr_ok(&["leases", "ls"]).lines().count() - 1;
+    assert_eq!(leases(), 1, "the pull holds its lease");
+
+    pulling.abort();
+    let left = std::time::Instant::now();
+    assert!(
+        wait_until(|| fake.bodies_sending() == 0).await,
+        "the download went on after its only caller left"
+    );
+    // The daemon promises a second; the slack is for a loaded machine.
+    let stopped = left.elapsed();
+    assert!(
+        stopped < Duration::from_secs(10),
+        "the download stopped {stopped:?} after the caller left"
+    );
+    let released = wait_until(|| leases() == 0).await;
+    assert!(
+        released,
+        "the cancelled pull's lease is still there: {}",
+        containerd.ctr_ok(&["leases", "ls"])
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("pull cancelled: every caller went away"),
+        "{}",
+        daemon.log()
+    );
+    assert!(containerd.image_names().is_empty());
+    assert_serving(daemon.socket()).await;
+
+    // The next pull (kubelet's retry) resumes what the cancelled one staged.
+    let staged: u64 = leftovers::staged_blobs(&containerd)
+        .iter()
+        .map(|(_, size)| *size)
+        .sum();
+    fake.set_faults(Faults::default());
+    fake.clear_requests();
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("the pull after the cancelled one");
+    assert_eq!(id, image.host().config.digest);
+    let ranges: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with(&layer))
+        .map(|r| r.header("range").unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        ranges,
+        [format!("bytes={staged}-")],
+        "resumed from the staged bytes"
+    );
+    assert_nothing_left(&containerd, &containerd.image_names(), "the resumed pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pull_goes_on_for_the_caller_who_stays() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/shared");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    let layer = big_layer(&image);
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 16 * 1024)],
+        ..Default::default()
+    });
+    let mut leaving = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let left = tokio::spawn(async move { leaving.pull_image(request).await });
+    let started = fake
+        .wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
+        .await;
+    assert!(started.is_some(), "the layer download never started");
+    let mut staying = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let stays = tokio::spawn(async move { staying.pull_image(request).await });
+    let joined = wait_until(|| daemon.log().contains("joining a pull already under way")).await;
+    assert!(joined, "the second caller did not join: {}", daemon.log());
+
+    left.abort();
+    assert!(left.await.is_err_and(|e| e.is_cancelled()));
+    // Still downloading for the caller who stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.bodies_sending(), 1, "the shared download was stopped");
+    fake.release(&layer);
+    let response = stays
+        .await
+        .expect("pull task")
+        .expect("the caller who stayed gets the image");
+    assert_eq!(response.into_inner().image_ref, image.host().config.digest);
+    let gets = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&layer))
+        .count();
+    assert_eq!(gets, 1, "the layer was fetched once");
+    assert!(!daemon.log().contains("pull cancelled"), "{}", daemon.log());
+    assert_nothing_left(&containerd, &containerd.image_names(), "the shared pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
     let fake = FakeRegistry::start();
     let image = images::random_image(6 << 20, 2, "parallel");

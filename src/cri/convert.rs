@@ -88,6 +88,7 @@ fn pull_code(e: &PullError) -> Code {
         PullError::InvalidImage { .. } => Code::FailedPrecondition,
         PullError::Store { source, .. } => store_code(source),
         PullError::Task { .. } => Code::Internal,
+        PullError::Cancelled { .. } => Code::Cancelled,
         PullError::Blocked(_) | PullError::Refused(_) => Code::PermissionDenied,
         // Signatures that could not be read (a lookaside or registry failing) are
         // not a verdict on the image: the pull may work later.

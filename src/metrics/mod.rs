@@ -296,6 +296,7 @@ pub fn failure_class(e: &PullError) -> &'static str {
         PullError::InvalidImage { .. } => "invalid_image",
         PullError::Store { .. } => "containerd",
         PullError::Task { .. } => "internal",
+        PullError::Cancelled { .. } => "cancelled",
         PullError::Blocked(_) => "blocked",
         PullError::Refused(r) if r.is_signature() => "signature_refused",
         PullError::Refused(_) => "policy_refused",

@@ -95,6 +95,25 @@ struct State {
     released: Arc<Mutex<Option<Vec<String>>>>,
     /// Bumped whenever `released` changes, to wake stalled bodies.
     release_signal: watch::Sender<u64>,
+    /// Stalled or trickling blob bodies still being sent (dropped by hyper when the
+    /// client closes the connection).
+    sending: Arc<AtomicUsize>,
+}
+
+/// Counts one body in [`State::sending`] while it lives.
+struct Sending(Arc<AtomicUsize>);
+
+impl Sending {
+    fn new(count: &Arc<AtomicUsize>) -> Sending {
+        count.fetch_add(1, Ordering::SeqCst);
+        Sending(count.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running fake registry; stopped on drop.
@@ -123,6 +142,7 @@ impl FakeRegistry {
             requests: Mutex::new(Vec::new()),
             released: Arc::new(Mutex::new(Some(Vec::new()))),
             release_signal,
+            sending: Arc::new(AtomicUsize::new(0)),
         });
         let served = state.clone();
         let server = ServerThread::start("fake registry", None, move |request| {
@@ -249,6 +269,12 @@ impl FakeRegistry {
     fn release_all(&self) {
         *lock(&self.state.released) = None;
         self.state.release_signal.send_modify(|n| *n += 1);
+    }
+
+    /// How many stalled or trickling blob bodies are still being sent: 0 once the
+    /// client has closed their connections.
+    pub fn bodies_sending(&self) -> usize {
+        self.state.sending.load(Ordering::SeqCst)
     }
 
     /// Everything answered so far, oldest first.
@@ -503,9 +529,13 @@ impl State {
                 .step_by(step)
                 .map(|at| bytes.slice(at..(at + step).min(len)))
                 .collect();
-            let stream = futures_util::stream::iter(chunks).then(|chunk| async move {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                Ok(Frame::data(chunk))
+            let sending = Sending::new(&self.sending);
+            let stream = futures_util::stream::iter(chunks).then(move |chunk| {
+                let _sending = &sending;
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Ok(Frame::data(chunk))
+                }
             });
             return sized(
                 status,
@@ -520,7 +550,9 @@ impl State {
             let mut signal = self.release_signal.subscribe();
             let released = self.released.clone();
             let digest = digest.to_owned();
+            let sending = Sending::new(&self.sending);
             let rest = futures_util::stream::once(async move {
+                let _sending = sending;
                 // An error only means the fake is going away; send the rest then.
                 let _ = signal.wait_for(|_| is_released(&released, &digest)).await;
                 Ok(Frame::data(tail))
