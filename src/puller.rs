@@ -38,6 +38,8 @@ const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
 /// The most layers an image may have. Real images have tens; overlayfs itself stops
 /// stacking long before this.
 const MAX_LAYERS: usize = 1000;
+/// How long a failed pull's lease deletion is retried while containerd is away.
+const RELEASE_RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 /// Times a blob download is resumed after the connection broke mid-body.
 const BLOB_RESUMES: usize = 3;
 
@@ -1304,7 +1306,9 @@ impl Drop for LeaseCleanup {
 }
 
 /// Drops `abort_ingests`, then deletes `lease`; with `collect`, containerd collects
-/// what it held before this returns.
+/// what it held before this returns. If containerd cannot be reached (restarting
+/// under us), the deletion is retried in the background until it is back, so the
+/// lease does not hold the pull's leftovers until it expires.
 async fn release(
     store: &Arc<dyn ImageStore>,
     lease: &Lease,
@@ -1316,8 +1320,48 @@ async fn release(
             tracing::debug!(ingest = %reference, error = %e, "could not abort the ingest");
         }
     }
-    if let Err(e) = store.delete_lease(lease, collect).await {
-        tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
+    match store.delete_lease(lease, collect).await {
+        Ok(()) => {}
+        Err(e @ StoreError::Unavailable { .. }) => {
+            tracing::info!(lease = %lease.id, error = %e, "could not delete the pull's lease; retrying until containerd answers");
+            let (store, lease) = (store.clone(), lease.clone());
+            let ingests = abort_ingests.map(<[String]>::to_vec);
+            tokio::spawn(async move { release_later(&store, &lease, ingests, collect).await });
+        }
+        Err(e) => {
+            tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
+        }
+    }
+}
+
+/// Retries [`release`] 1 s, 2 s, 4 s … (at most a minute) apart while containerd
+/// is unavailable, for up to [`RELEASE_RETRY_FOR`].
+async fn release_later(
+    store: &Arc<dyn ImageStore>,
+    lease: &Lease,
+    ingests: Option<Vec<String>>,
+    collect: bool,
+) {
+    let started = Instant::now();
+    let mut delay = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(delay).await;
+        for reference in ingests.iter().flatten() {
+            let _ = store.abort_ingest(reference).await;
+        }
+        match store.delete_lease(lease, collect).await {
+            Ok(()) => {
+                tracing::info!(lease = %lease.id, "deleted the pull's lease once containerd answered");
+                return;
+            }
+            Err(StoreError::Unavailable { .. }) if started.elapsed() < RELEASE_RETRY_FOR => {
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            Err(e) => {
+                tracing::warn!(lease = %lease.id, error = %e, "gave up deleting the pull's lease; it expires by itself");
+                return;
+            }
+        }
     }
 }
 

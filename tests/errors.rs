@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::containerd::Containerd;
 use common::cri::{self, proto, DaemonConfig};
+use common::fake_registry::{FakeRegistry, Faults};
 use common::images;
 use common::leftovers::{assert_nothing_left, assert_serving};
 use common::registry::Registry;
@@ -353,6 +354,99 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
         "the pull after a restart",
     );
     assert!(restarted.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_in_flight_when_containerd_restarts_completes_or_fails_cleanly() {
+    // Blobs staged by the daemon and committed through containerd, then blobs
+    // streamed through containerd's own ingest (a Write stream the restart breaks).
+    for direct in [true, false] {
+        pull_across_a_containerd_restart(direct).await;
+    }
+}
+
+async fn pull_across_a_containerd_restart(direct: bool) {
+    let mut restarted: Restarted;
+    let fake = FakeRegistry::start();
+    let image = images::random_image(6 << 20, 2, &format!("restart-{direct}"));
+    let reference = fake.serve_image(&image, "errors/restart-mid-pull");
+    let containerd = containerd();
+    let daemon = DaemonConfig::new(&containerd)
+        .registries_conf(&fake.insecure_entry())
+        .direct_content(direct)
+        .start();
+    // The second layer stalls after 2 MiB, while the first may be unpacked already.
+    let stalled = image.host().layers[1].digest.clone();
+    fake.set_faults(Faults {
+        stall_blobs: vec![(stalled.clone(), 2 << 20)],
+        ..Default::default()
+    });
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(&reference, None);
+    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let started = fake
+        .wait_for(Duration::from_secs(60), |r| r.path.ends_with(&stalled))
+        .await;
+    assert!(started.is_some(), "the stalled layer was never asked for");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    restarted = restart(&containerd);
+    fake.release(&stalled);
+    // Only a hang guard: the daemon has no business waiting this long.
+    let outcome = tokio::time::timeout(Duration::from_secs(120), pulling)
+        .await
+        .unwrap_or_else(|_| panic!("(direct {direct}) the pull hung across containerd's restart"))
+        .expect("pull task");
+    match outcome {
+        Ok(response) => assert_eq!(
+            response.into_inner().image_ref,
+            image.host().config.digest,
+            "(direct {direct})"
+        ),
+        Err(status) => {
+            assert_eq!(
+                status.code(),
+                Code::Unavailable,
+                "(direct {direct}) {}",
+                status.message()
+            );
+            assert!(
+                status.message().contains("containerd"),
+                "(direct {direct}) {}",
+                status.message()
+            );
+            println!("(direct {direct}) failed: {}", status.message());
+            // The lease is deleted once containerd answers again.
+            let released = wait_for_leases_gone(&containerd).await;
+            assert!(released, "(direct {direct}) the failed pull's lease stayed");
+            assert_nothing_left(&containerd, &[], "a pull cut by containerd's restart");
+        }
+    }
+    assert_serving(daemon.socket()).await;
+    let id = pull(&daemon, &reference, None)
+        .await
+        .unwrap_or_else(|e| panic!("(direct {direct}) pull after the restart: {e:?}"));
+    assert_eq!(id, image.host().config.digest);
+    assert_nothing_left(
+        &containerd,
+        &containerd.image_names(),
+        "the pull after containerd's restart",
+    );
+    assert!(restarted.is_running());
+    drop(daemon);
+    drop(containerd);
+}
+
+/// Whether `ctr leases ls` lists none within a minute (a hang guard).
+async fn wait_for_leases_gone(containerd: &Containerd) -> bool {
+    for _ in 0..600 {
+        // A header line, then one per lease.
+        if containerd.ctr_ok(&["leases", "ls"]).lines().count() <= 1 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// A containerd this test started in place of the harness's one; stopped on drop.

@@ -232,6 +232,19 @@ impl ContainerdStore {
                 address: self.address.to_string(),
                 detail: unavailable_detail(&status),
             },
+            // A status carrying a source was made by our own transport, not sent by
+            // containerd: the connection broke mid-call (containerd restarting).
+            Code::Unknown | Code::Internal | Code::Cancelled
+                if std::error::Error::source(&status).is_some() =>
+            {
+                StoreError::Unavailable {
+                    address: self.address.to_string(),
+                    detail: format!(
+                        "the connection broke during {op}: {}",
+                        deepest_cause(&status)
+                    ),
+                }
+            }
             Code::NotFound => StoreError::NotFound { what: what() },
             _ => StoreError::Grpc { op, status },
         }
@@ -443,16 +456,22 @@ impl ImageStore for ContainerdStore {
 /// dialled, the innermost cause ("No such file or directory (os error 2)") rather
 /// than tonic's debug dump of the transport error.
 fn unavailable_detail(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(_) => format!("cannot connect: {}", deepest_cause(status)),
+        None => status.message().to_string(),
+    }
+}
+
+/// The innermost error under a status made by our transport (its own message
+/// is a debug dump of the chain).
+fn deepest_cause(status: &tonic::Status) -> String {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     let mut deepest = None;
     while let Some(e) = cause {
         deepest = Some(e);
         cause = e.source();
     }
-    match deepest {
-        Some(e) => format!("cannot connect: {e}"),
-        None => status.message().to_string(),
-    }
+    deepest.map_or_else(|| status.message().to_string(), ToString::to_string)
 }
 
 #[cfg(test)]
