@@ -10,18 +10,58 @@ use std::time::Duration;
 
 use common::containerd::Containerd;
 use common::cri::{self, proto, Daemon, DaemonConfig};
-use common::fake_registry::{FakeRegistry, Faults};
+use common::fake_registry::{FakeRegistry, Faults, Hostile};
 use common::images::{self, OciImage, MEDIA_MANIFEST};
 use common::leftovers::{self, assert_nothing_left, assert_serving};
 use common::scenario::{containerd_without_cri as containerd, password_auth, pull, pull_fails};
 use tonic::Code;
 
+/// The most memory the daemon may take at any point of a fault test: hostile
+/// registries (endless bodies, huge documents) must never grow it.
+const PEAK_RSS_LIMIT: u64 = 200 << 20;
+
+/// A daemon whose peak RSS is checked when the test is done with it.
+struct Watched(Daemon);
+
+impl std::ops::Deref for Watched {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Watched {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.0
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // Not over a failing test's own panic; and a killed daemon has no figure.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(peak) = self.0.peak_rss_bytes() {
+            eprintln!("cri-imaged peak RSS: {} MiB", peak >> 20);
+            assert!(
+                peak < PEAK_RSS_LIMIT,
+                "the daemon's peak RSS was {} MiB (limit {} MiB)",
+                peak >> 20,
+                PEAK_RSS_LIMIT >> 20
+            );
+        }
+    }
+}
+
 /// A daemon storing into `containerd` whose registries.conf is `registries_conf`.
-fn daemon(containerd: &Containerd, registries_conf: &str) -> Daemon {
-    DaemonConfig::new(containerd)
-        .registries_conf(registries_conf)
-        .env("RUST_LOG", "cri_imaged=debug")
-        .start()
+fn daemon(containerd: &Containerd, registries_conf: &str) -> Watched {
+    Watched(
+        DaemonConfig::new(containerd)
+            .registries_conf(registries_conf)
+            .env("RUST_LOG", "cri_imaged=debug")
+            .start(),
+    )
 }
 
 /// The busybox image's first (largest) layer: the busybox binary.
@@ -616,11 +656,13 @@ async fn wait_until(mut ready: impl FnMut() -> bool) -> bool {
 }
 
 /// A daemon whose `[pull]` section sets `progress` (TOML lines).
-fn daemon_with_pull(containerd: &Containerd, registries_conf: &str, progress: &str) -> Daemon {
-    DaemonConfig::new(containerd)
-        .registries_conf(registries_conf)
-        .extra_toml(&format!("[pull]\n{progress}"))
-        .start()
+fn daemon_with_pull(containerd: &Containerd, registries_conf: &str, progress: &str) -> Watched {
+    Watched(
+        DaemonConfig::new(containerd)
+            .registries_conf(registries_conf)
+            .extra_toml(&format!("[pull]\n{progress}"))
+            .start(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -981,4 +1023,58 @@ async fn a_pull_cut_by_kill_9_resumes_its_blob_with_a_range_request_after_restar
     );
     assert_nothing_left(&containerd, &containerd.image_names(), "the resumed pull");
     assert_eq!(staged(), 0, "the staged file is gone once the blob is in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_and_slowloris_bodies_are_cut_off_without_growing_memory() {
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    let reference = fake.serve_image(&image, "faults/hostile");
+    let containerd = containerd();
+    let daemon = daemon_with_pull(
+        &containerd,
+        &fake.insecure_entry(),
+        "progress_timeout = \"2s\"",
+    );
+    let host = fake.host();
+    let cases = [
+        (
+            Hostile::EndlessManifest,
+            Code::FailedPrecondition,
+            "exceeds the 4194304-byte limit",
+        ),
+        (Hostile::EndlessErrorBody, Code::Unavailable, "500"),
+        (
+            Hostile::EndlessToken,
+            Code::Unavailable,
+            "token response exceeds 1048576 bytes",
+        ),
+        (
+            Hostile::SlowToken,
+            Code::DeadlineExceeded,
+            "not complete within 2s (pull.progress_timeout)",
+        ),
+    ];
+    for (hostile, code, says) in cases {
+        fake.set_faults(Faults {
+            hostile: Some(hostile.clone()),
+            ..Default::default()
+        });
+        let asked = std::time::Instant::now();
+        let status = pull_fails(&daemon, cri::pull_request(&reference, None), code).await;
+        let took = asked.elapsed();
+        let message = status.message();
+        assert!(message.contains(says), "{hostile:?}: {message}");
+        assert!(message.contains(&host), "{hostile:?}: {message}");
+        // Only a hang guard: retries of a 500 wait a few seconds, nothing waits long.
+        assert!(took < Duration::from_secs(60), "{hostile:?} took {took:?}");
+        // The daemon stopped reading: the fake's endless bodies were dropped.
+        assert!(
+            wait_until(|| fake.bodies_sending() == 0).await,
+            "{hostile:?}: still reading an endless body"
+        );
+        assert_serving(daemon.socket()).await;
+        assert_nothing_left(&containerd, &[], &format!("{hostile:?}"));
+    }
+    // `Watched` checks the peak RSS when the daemon is dropped.
 }

@@ -661,6 +661,9 @@ pub(crate) async fn next_data(
 }
 
 /// Reads at most `limit` bytes of `body`. Returns the bytes and whether more followed.
+/// These are small documents (manifests, tokens, error bodies): the whole body must
+/// arrive within `idle`, so a server sending a byte now and then (slowloris) cannot
+/// hold a pull longer than a silent one.
 pub(crate) async fn read_capped(
     body: &mut Incoming,
     limit: usize,
@@ -668,15 +671,27 @@ pub(crate) async fn read_capped(
     host: &str,
 ) -> Result<(Bytes, bool), RegistryError> {
     let mut buf = BytesMut::new();
-    while let Some(chunk) = next_data(body, idle, host).await? {
-        if buf.len() + chunk.len() > limit {
-            let room = limit - buf.len();
-            buf.extend_from_slice(&chunk[..room]);
-            return Ok((buf.freeze(), true));
+    let read = async {
+        while let Some(chunk) = next_data(body, idle, host).await? {
+            if buf.len() + chunk.len() > limit {
+                let room = limit - buf.len();
+                buf.extend_from_slice(&chunk[..room]);
+                return Ok(true);
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
+        Ok(false)
+    };
+    match tokio::time::timeout(idle, read).await {
+        Ok(Ok(truncated)) => Ok((buf.freeze(), truncated)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(RegistryError::Stalled {
+            host: host.to_string(),
+            what: "a response body".into(),
+            received: buf.len() as u64,
+            why: format!("not complete within {idle:?} (pull.progress_timeout)"),
+        }),
     }
-    Ok((buf.freeze(), false))
 }
 
 #[cfg(test)]

@@ -52,6 +52,24 @@ pub struct Faults {
     pub stall_blobs: Vec<(String, usize)>,
     /// Each of these blobs (digest, bytes) trickles: that many bytes every 100 ms.
     pub trickle_blobs: Vec<(String, usize)>,
+    /// Answers that never end, instead of the real ones.
+    pub hostile: Option<Hostile>,
+}
+
+/// A registry that sends bodies without end, to prove the client bounds what it
+/// reads and how long it waits.
+#[derive(Clone, Debug)]
+pub enum Hostile {
+    /// Manifest GETs answer 200 and a JSON body that never ends, fast.
+    EndlessManifest,
+    /// Manifest GETs answer 500 and an error body that never ends, fast.
+    EndlessErrorBody,
+    /// `/v2/` needs a Bearer token from the fake's own `/token`, which answers 200
+    /// and a JSON body that never ends, fast.
+    EndlessToken,
+    /// As `EndlessToken`, but the token body comes one byte every 100 ms, forever
+    /// (slowloris: each byte arrives well within any idle timeout).
+    SlowToken,
 }
 
 /// One request as the fake saw it. The value of `Authorization` is not kept.
@@ -98,6 +116,8 @@ struct State {
     /// Stalled or trickling blob bodies still being sent (dropped by hyper when the
     /// client closes the connection).
     sending: Arc<AtomicUsize>,
+    /// `127.0.0.1:PORT`, once bound (for the Bearer realm).
+    host: Mutex<String>,
 }
 
 /// Counts one body in [`State::sending`] while it lives.
@@ -143,12 +163,14 @@ impl FakeRegistry {
             released: Arc::new(Mutex::new(Some(Vec::new()))),
             release_signal,
             sending: Arc::new(AtomicUsize::new(0)),
+            host: Mutex::new(String::new()),
         });
         let served = state.clone();
         let server = ServerThread::start("fake registry", None, move |request| {
             let state = served.clone();
             async move { state.handle(request).await }
         })?;
+        *lock(&state.host) = server.addr().to_string();
         Ok(FakeRegistry {
             addr: server.addr(),
             state,
@@ -357,6 +379,30 @@ impl State {
         headers: &hyper::HeaderMap,
     ) -> Response<Body> {
         let faults = lock(&self.faults).clone();
+        if let Some(hostile @ (Hostile::EndlessToken | Hostile::SlowToken)) = &faults.hostile {
+            if path.starts_with("/token") {
+                return match hostile {
+                    Hostile::SlowToken => self.endless(StatusCode::OK, b"{\"token\":\"", 1, true),
+                    _ => self.endless(StatusCode::OK, b"{\"token\":\"", 64 << 10, false),
+                };
+            }
+            let bearer = authorization.is_some_and(|a| a.starts_with("Bearer "));
+            if path.starts_with("/v2/") && !bearer {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "authentication required",
+                );
+                let challenge = format!(
+                    "Bearer realm=\"http://{}/token\",service=\"fake\"",
+                    lock(&self.host)
+                );
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&challenge) {
+                    r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+                }
+                return r;
+            }
+        }
         if !path.starts_with("/v2/") {
             return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
         }
@@ -409,6 +455,32 @@ impl State {
     }
 
     fn manifest(&self, repo: &str, reference: &str, faults: &Faults) -> Response<Body> {
+        match faults.hostile {
+            Some(Hostile::EndlessManifest) => {
+                let mut r = self.endless(
+                    StatusCode::OK,
+                    b"{\"schemaVersion\":2,\"x\":\"",
+                    64 << 10,
+                    false,
+                );
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "application/vnd.oci.image.manifest.v1+json",
+                    ),
+                );
+                return r;
+            }
+            Some(Hostile::EndlessErrorBody) => {
+                return self.endless(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    b"{\"errors\":[{\"code\":\"UNKNOWN\",\"message\":\"",
+                    64 << 10,
+                    false,
+                )
+            }
+            _ => {}
+        }
         let faulty = faults.manifest_status.as_ref().filter(|_| {
             faults.manifest_status_times.as_ref().is_none_or(|left| {
                 left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -571,6 +643,33 @@ impl State {
             content_range,
             Full::new(bytes).map_err(never).boxed_unsync(),
         )
+    }
+}
+
+impl State {
+    /// A JSON-typed response of `head`, then `chunk` bytes of `a` again and again,
+    /// without length or end; every 100 ms with `slow`, else as fast as it is read.
+    fn endless(&self, status: StatusCode, head: &[u8], chunk: usize, slow: bool) -> Response<Body> {
+        let sending = Sending::new(&self.sending);
+        let filler = Bytes::from(vec![b'a'; chunk]);
+        let rest = futures_util::stream::repeat(filler).then(move |chunk| {
+            let _sending = &sending;
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Frame::data(chunk))
+            }
+        });
+        let body =
+            futures_util::stream::iter([Ok(Frame::data(Bytes::copy_from_slice(head)))]).chain(rest);
+        let mut r = Response::new(StreamBody::new(body).boxed_unsync());
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        r
     }
 }
 
