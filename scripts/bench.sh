@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks cri-imaged's PullImage against containerd's own CRI PullImage on the
-# same registry in one run and prints the ratio (benches/pull.rs). Run as root.
+# same registry in one run and prints the ratio (benches/pull.rs, benches/concurrent.rs). Run as root.
 # Knobs: BENCH_ROUNDS (default 3), BENCH_MB (default 200), BENCH_LOG_DIR (debug logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,7 @@ scripts/install-deps.sh
 
 # The bench profile is the release profile; the first build takes a few minutes.
 cargo bench --bench pull
+# 20 pulls of one image at once against one pull, for both.
+cargo bench --bench concurrent
 # What the HTTP/2 edge costs (cri-imaged with and without it).
 cargo bench --bench edge

@@ -1078,3 +1078,59 @@ async fn endless_and_slowloris_bodies_are_cut_off_without_growing_memory() {
     }
     // `Watched` checks the peak RSS when the daemon is dropped.
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_callers_of_one_image_share_one_download_of_each_blob() {
+    let fake = FakeRegistry::start();
+    let image = images::random_image(4 << 20, 3, "twenty");
+    let reference = fake.serve_image(&image, "faults/twenty");
+    let containerd = containerd();
+    let daemon = daemon(&containerd, &fake.insecure_entry());
+    // Held until every caller has asked, so all twenty meet one pull in flight.
+    let layer = big_layer(&image);
+    fake.set_faults(Faults {
+        stall_blobs: vec![(layer.clone(), 4096)],
+        ..Default::default()
+    });
+    let mut pulls = Vec::new();
+    for _ in 0..20 {
+        // Each caller on its own connection, as separate kubelet pod workers.
+        let mut client = cri::connect(daemon.socket()).await;
+        let request = cri::pull_request(&reference, None);
+        pulls.push(tokio::spawn(
+            async move { client.pull_image(request).await },
+        ));
+    }
+    let joined = wait_until(|| {
+        daemon
+            .log()
+            .matches("joining a pull already under way")
+            .count()
+            == 19
+    })
+    .await;
+    assert!(joined, "not every caller joined: {}", daemon.log());
+    fake.release(&layer);
+    for pull in pulls {
+        let response = pull
+            .await
+            .expect("pull task")
+            .expect("every caller gets the image");
+        assert_eq!(response.into_inner().image_ref, image.host().config.digest);
+    }
+    let seen = fake.requests();
+    let host = image.host();
+    for blob in std::iter::once(&host.config).chain(&host.layers) {
+        let gets = seen
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&blob.digest))
+            .count();
+        assert_eq!(gets, 1, "blob {} fetched {gets} times", blob.digest);
+    }
+    let manifests = seen
+        .iter()
+        .filter(|r| r.path.contains("/manifests/"))
+        .count();
+    assert_eq!(manifests, 1, "the manifest was resolved {manifests} times");
+    assert_nothing_left(&containerd, &containerd.image_names(), "twenty callers");
+}
