@@ -17,9 +17,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::bench::{env_number, median, sync_disks};
 use common::containerd::Containerd;
 use common::cri::{self, proto, DaemonConfig};
 use common::images::{self, PushedImage};
@@ -214,29 +214,4 @@ fn remove(runtime: &tokio::runtime::Runtime, containerd: &Containerd, image: &Pu
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn median(times: &[Duration]) -> f64 {
-    let mut secs: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
-    secs.sort_by(f64::total_cmp);
-    match secs.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => secs[n / 2],
-        n => (secs[n / 2 - 1] + secs[n / 2]) / 2.0,
-    }
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={value:?} is not a number: {e}")),
-        Err(_) => default,
-    }
-}
-
-/// Flushes dirty pages (the previous pull's blobs and files) before a timed pull.
-fn sync_disks() {
-    common::must(common::run(&mut Command::new("sync")));
 }

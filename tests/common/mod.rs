@@ -16,6 +16,7 @@
 //! - [`proxy`]: an HTTP CONNECT proxy that records the tunnels asked of it.
 //! - [`prometheus`]: a real Prometheus scraping the daemon, `promtool check metrics`,
 //!   and a plain HTTP GET for `/metrics`.
+//! - [`bench`]: what the benchmarks share (knobs, medians, `sync`).
 //! - [`scenario`]: the shared steps: start containerd and registries, pull, ImageStatus.
 //! - [`clients`]: stock gRPC clients (grpc-go as kubelet dials, Python grpcio) built
 //!   under target/ and run over a CRI socket; a recorder of the headers they send.
@@ -24,6 +25,7 @@
 //! cannot start fails the test with an install hint; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod clients;
 pub mod containerd;
 pub mod cri;
