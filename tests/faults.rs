@@ -498,6 +498,7 @@ async fn a_pull_whose_only_caller_went_away_stops_downloading_and_releases_its_l
     );
     // The daemon promises a second; the slack is for a loaded machine.
     let stopped = left.elapsed();
+    eprintln!("the download stopped {stopped:?} after its only caller left");
     assert!(
         stopped < Duration::from_secs(10),
         "the download stopped {stopped:?} after the caller left"
