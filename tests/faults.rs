@@ -1077,6 +1077,13 @@ async fn endless_and_slowloris_bodies_are_cut_off_without_growing_memory() {
         assert_serving(daemon.socket()).await;
         assert_nothing_left(&containerd, &[], &format!("{hostile:?}"));
     }
+    // The daemon remembered the Bearer challenge; the registry no longer asks for
+    // one, and the realm it named answers 404: the challenge is forgotten.
+    fake.set_faults(Faults::default());
+    let id = pull(&daemon, &reference, None)
+        .await
+        .expect("the pull once the registry behaves");
+    assert_eq!(id, image.host().config.digest);
     // `Watched` checks the peak RSS when the daemon is dropped.
 }
 

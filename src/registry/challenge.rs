@@ -234,12 +234,25 @@ impl Authenticator {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&endpoint.host)
             .cloned();
-        match known {
-            Some(challenge) => {
-                self.answer(transport, endpoint, repository, credential, &challenge)
-                    .await
+        let Some(challenge) = known else {
+            return Ok((None, AuthSource::None));
+        };
+        match self
+            .answer(transport, endpoint, repository, credential, &challenge)
+            .await
+        {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                // The registry may have changed how it authenticates (another token
+                // service, none at all): forget what it asked before and let its
+                // answer to a plain request say what it wants now.
+                tracing::debug!(host = %endpoint.host, error = %e, "the remembered challenge could not be answered; asking the registry afresh");
+                self.challenges
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&endpoint.host);
+                Ok((None, AuthSource::None))
             }
-            None => Ok((None, AuthSource::None)),
         }
     }
 
