@@ -277,3 +277,42 @@ async fn token_realm_on_another_host_works_for_skopeo_and_containerd() {
     .expect("pull with the realm on localhost");
     assert_eq!(id, pushed.config_digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_tree_images_unpack_on_a_journaled_containerd_root() {
+    let (containerd, open) = std::thread::scope(|s| {
+        let containerd = s.spawn(|| {
+            Containerd::start_with(common::containerd::ContainerdOptions {
+                journaled_root_mib: Some(512),
+                ..Default::default()
+            })
+        });
+        let open = s.spawn(Registry::open);
+        (
+            containerd.join().expect("containerd thread"),
+            open.join().expect("registry thread"),
+        )
+    });
+    containerd.add_registry(&open);
+    // containerd's root is the loop-mounted ext4, with a journal.
+    let root = containerd.root();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(root.to_str().expect("utf-8 root")))
+        .unwrap_or_else(|| panic!("{} is not a mount point", root.display()));
+    assert!(line.contains(" - ext4 /dev/loop"), "{line}");
+
+    // Small trees: the debug build's gzip is slow (the benchmarks build big ones
+    // in release).
+    let dirs = [
+        std::path::Path::new("/usr/include/linux"),
+        std::path::Path::new("/usr/share/doc/adduser"),
+    ];
+    let pushed = images::host_tree_image(&dirs, "tree").push(&open, "smoke/tree");
+    let id = cri_pull(containerd.socket(), &pushed.reference, None)
+        .await
+        .expect("containerd's CRI pulls the tree image");
+    assert_eq!(id, pushed.config_digest);
+    assert!(containerd.is_unpacked(&pushed.reference));
+}

@@ -347,6 +347,64 @@ fn try_random_image(total_bytes: u64, layers: usize, tag: &str) -> Result<OciIma
     layout.finish(tag, top, vec![manifest])
 }
 
+/// An image of real files: one gzip layer (default level, as image builders write)
+/// per directory of this machine, each stored under its own path (`/usr/include` →
+/// `usr/include/…`); symlinks are kept as links. For benchmarks of file-heavy images.
+pub fn host_tree_image(dirs: &[&Path], tag: &str) -> OciImage {
+    must(try_host_tree_image(dirs, tag))
+}
+
+fn try_host_tree_image(dirs: &[&Path], tag: &str) -> Result<OciImage> {
+    let layout = Layout::create()?;
+    let mut built = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        built.push(host_tree_layer(dir)?);
+    }
+    let config = ImageConfig {
+        arch: host_arch(),
+        entrypoint: &[],
+        cmd: &[],
+        user: None,
+    };
+    let manifest = layout.image(&config, &built)?;
+    let top = manifest.manifest.clone();
+    layout.finish(tag, top, vec![manifest])
+}
+
+/// The tar of `dir` streamed through a SHA-256 (the diff ID) into gzip, so a layer
+/// of a gigabyte never sits in memory uncompressed.
+fn host_tree_layer(dir: &Path) -> Result<Layer> {
+    struct Hashing<W> {
+        hash: ring::digest::Context,
+        inner: W,
+    }
+    impl<W: std::io::Write> std::io::Write for Hashing<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(buf)?;
+            self.hash.update(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let name = dir.strip_prefix("/").unwrap_or(dir);
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(Hashing {
+        hash: ring::digest::Context::new(&ring::digest::SHA256),
+        inner: gz,
+    });
+    tar.follow_symlinks(false);
+    tar.append_dir_all(name, dir)
+        .ctx(|| format!("adding {} to a layer", dir.display()))?;
+    let hashing = tar.into_inner().ctx(|| "finishing a tar".into())?;
+    let gz = hashing.inner.finish().ctx(|| "gzip".into())?;
+    Ok(Layer {
+        gz,
+        diff_id: format!("sha256:{}", hex::encode(hashing.hash.finish())),
+    })
+}
+
 /// Files of at most 4 MiB, so unpacking writes several files per layer.
 fn random_layer(rng: &ring::rand::SystemRandom, index: usize, bytes: u64) -> Result<Layer> {
     use ring::rand::SecureRandom as _;
