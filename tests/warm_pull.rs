@@ -79,7 +79,7 @@ async fn warm_repull_sends_only_a_manifest_head_by_tag_and_by_digest() {
     assert!(
         daemon
             .log()
-            .contains("unchanged at the registry (manifest HEAD)"),
+            .contains("nothing to write (manifest HEAD: unchanged at the registry)"),
         "{}",
         daemon.log()
     );

@@ -86,7 +86,7 @@ impl Inner {
         }
         self.verify_signatures(at, &stored.digest, &stored.body, stored.index.as_ref())
             .await?;
-        tracing::debug!(image = %at.image, digest = %target.digest, "already pulled and unchanged at the registry (manifest HEAD); nothing to write");
+        tracing::debug!(image = %at.image, digest = %target.digest, "already pulled; nothing to write (manifest HEAD: unchanged at the registry)");
         Ok(Some((
             stored.manifest.config.digest.clone(),
             Descriptor::new(target.media_type, target.digest, target.size),
