@@ -44,7 +44,9 @@ impl ContainerdStore {
             .collect();
         let request = self.request(SubscribeRequest { filters }, None)?;
         let mut client = self.events();
-        let mut subscribing = tokio::spawn(async move { client.subscribe(request).await });
+        // Aborted if we give up on it (an error on the way out drops it).
+        let mut subscribing =
+            AbortOnDrop(tokio::spawn(async move { client.subscribe(request).await }));
         let nonce = unique_suffix();
         let started = tokio::time::Instant::now();
         // Publish until containerd answers the subscription (with some event, maybe
@@ -52,7 +54,7 @@ impl ContainerdStore {
         let stream = loop {
             self.publish_marker(&nonce).await?;
             tokio::select! {
-                answered = &mut subscribing => {
+                answered = &mut subscribing.0 => {
                     let answered = answered.map_err(|e| StoreError::Malformed {
                         what: "event subscription",
                         detail: format!("the subscribing task failed: {e}"),
@@ -64,7 +66,6 @@ impl ContainerdStore {
                 _ = tokio::time::sleep(MARKER_EVERY) => {}
             }
             if started.elapsed() > SUBSCRIBE_LIMIT {
-                subscribing.abort();
                 return Err(StoreError::Unavailable {
                     address: self.address.to_string(),
                     detail: format!(
@@ -163,6 +164,15 @@ impl ContainerdStore {
                 detail: format!("our marker event did not come back within {SUBSCRIBE_LIMIT:?}"),
             })
         })
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
