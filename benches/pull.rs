@@ -5,7 +5,12 @@
 //! Knobs (environment): `BENCH_ROUNDS` (default 3) rounds per image; `BENCH_MB`
 //! (default 200) size of the random image; `BENCH_LOG_DIR` turns on debug logging in
 //! containerd and cri-imaged and copies both logs there at the end, to see where the
-//! time goes (debug logging costs a little, so leave it off for the headline numbers).
+//! time goes (debug logging costs a little, so leave it off for the headline numbers);
+//! `BENCH_RECORDS` (default 1000) and `BENCH_READS` (default 1000) for the read RPC
+//! rows (see `support/reads.rs`); `BENCH_ONLY=reads` skips the pull rows.
+//!
+//! After the pulls: ListImages and ImageStatus p50/p99 over `BENCH_RECORDS` image
+//! records, both servers over their unix sockets, calls alternating.
 //!
 //! Method, per image and round:
 //! - the two pullers take turns going first (A then B, B then A), so drift over the
@@ -28,6 +33,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/reads.rs"]
+mod reads;
 
 use std::path::Path;
 use std::process::Command;
@@ -128,10 +135,14 @@ fn main() {
     let random = random.push(&registry, "bench/random");
     let busybox = images::busybox().tag("bench").build();
     let busybox = busybox.push(&registry, "bench/busybox");
+    let only_reads = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "reads");
     let mut subjects = vec![
         Subject::new(format!("random {RANDOM_LAYERS} layers"), random),
-        Subject::new("busybox".into(), busybox),
+        Subject::new("busybox".into(), busybox.clone()),
     ];
+    if only_reads {
+        subjects.clear();
+    }
 
     println!(
         "pull benchmark: {} rounds per image, containerd {}, {} CPUs",
@@ -141,7 +152,7 @@ fn main() {
     );
     // Untimed: first connections, first token-less round trips, containerd's first
     // CRI pull; none of that belongs to either puller's steady state.
-    let warmup = subjects[1].pushed.clone();
+    let warmup = busybox.clone();
     for puller in Puller::BOTH {
         bench.pull(puller, &warmup);
         bench.remove(&warmup);
@@ -180,7 +191,11 @@ fn main() {
         bench.remove(&subject.pushed);
     }
 
-    print_report(&subjects, rounds);
+    if !subjects.is_empty() {
+        print_report(&subjects, rounds);
+    }
+    let reads = reads::measure(&mut bench, &busybox, registry.host());
+    reads::print(&reads);
     for note in &bench.notes {
         println!("note: {note}");
     }

@@ -4,18 +4,27 @@
 //! Every record in the namespace is an image, whoever wrote it; a record whose
 //! content is missing (or has no manifest for our platform) is skipped, as
 //! containerd's CRI skips it.
+//!
+//! The records come from the [`ImageIndex`]; what a record's target resolves to
+//! (manifest, config: size, user, chain ID) is immutable per target digest and read
+//! once. The views built from them are kept until the index changes, so in steady
+//! state a read RPC asks containerd nothing.
 
 use crate::digest::Digest;
+use crate::image_index::{ImageIndex, Records};
 use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
 use crate::platform::PlatformSpec;
 use crate::reference::ImageQuery;
 use crate::store::{FsUsage, ImageRecord, ImageStore, StoreError, LABEL_PINNED};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Manifests, indexes and configs above this size are refused.
 pub const MAX_DOCUMENT_BYTES: u64 = 8 << 20;
-/// containerd 1.7+ marks images kubelet must never garbage-collect with this label.
+/// How long views that had to skip a record (its content missing) are kept before
+/// its content is looked for again, if no record changed meanwhile.
+const RETRY_UNRESOLVED: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -38,7 +47,7 @@ pub struct ImageView {
     /// Chain ID of the top layer: the snapshot a container starts from.
     pub chain_id: Option<Digest>,
     /// The whole image config document.
-    pub config: serde_json::Value,
+    pub config: Arc<serde_json::Value>,
     /// Names of every image record of this image (tags, digests, ID).
     pub record_names: Vec<String>,
 }
@@ -65,67 +74,74 @@ struct Resolved {
     size: u64,
     user: Option<String>,
     chain_id: Option<Digest>,
-    config: serde_json::Value,
+    config: Arc<serde_json::Value>,
+}
+
+/// Every image, as of one index generation, with lookups by name and ID.
+struct Views {
+    /// `None`: built from a live list (the index was not in step); never reused.
+    generation: Option<u64>,
+    built: Instant,
+    /// Some record was skipped because its content could not be read.
+    unresolved: bool,
+    /// Sorted by ID.
+    images: Vec<Arc<ImageView>>,
+    /// Repo tags and repo digests → position in `images`.
+    by_name: HashMap<String, usize>,
+    by_id: HashMap<Digest, usize>,
+}
+
+impl Views {
+    fn reusable_at(&self, generation: Option<u64>) -> bool {
+        generation.is_some()
+            && self.generation == generation
+            && !(self.unresolved && self.built.elapsed() > RETRY_UNRESOLVED)
+    }
 }
 
 pub struct Catalog {
     store: Arc<dyn ImageStore>,
+    index: ImageIndex,
     platform: PlatformSpec,
+    /// By target digest.
     resolved: Mutex<HashMap<Digest, Arc<Resolved>>>,
+    views: Mutex<Option<Arc<Views>>>,
+    /// One build of the views at a time; the others wait and take it.
+    building: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
-    pub fn new(store: Arc<dyn ImageStore>, platform: PlatformSpec) -> Self {
+    /// The images of `index`'s records. `store` reads their content and removes
+    /// records (it should be the [`crate::image_index::IndexedStore`] feeding `index`).
+    pub fn new(store: Arc<dyn ImageStore>, index: ImageIndex, platform: PlatformSpec) -> Self {
         Catalog {
             store,
+            index,
             platform,
             resolved: Mutex::new(HashMap::new()),
+            views: Mutex::new(None),
+            building: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Every image, sorted by ID.
-    pub async fn list(&self) -> Result<Vec<ImageView>, CatalogError> {
-        let records = self.store.list_images().await?;
-        let mut groups: BTreeMap<Digest, (Arc<Resolved>, Vec<ImageRecord>)> = BTreeMap::new();
-        for record in records {
-            let Some(resolved) = self.resolve(&record.target).await? else {
-                tracing::debug!(name = %record.name, "skipping image record whose content is not here");
-                continue;
-            };
-            groups
-                .entry(resolved.config_digest.clone())
-                .or_insert_with(|| (resolved.clone(), Vec::new()))
-                .1
-                .push(record);
-        }
-        Ok(groups
-            .into_values()
-            .map(|(resolved, records)| view(&resolved, &records))
-            .collect())
+    pub async fn list(&self) -> Result<Vec<Arc<ImageView>>, CatalogError> {
+        Ok(self.views().await?.images.clone())
     }
 
     /// The image a query names, if present.
-    pub async fn find(&self, query: &ImageQuery) -> Result<Option<ImageView>, CatalogError> {
-        // A name lookup first: it needs one record, not the whole list.
-        if let ImageQuery::Ref(r) = query {
-            if let Some(record) = self.store.get_image(&r.to_string()).await? {
-                if let Some(resolved) = self.resolve(&record.target).await? {
-                    let id = resolved.config_digest.clone();
-                    return self.by_id(&id).await;
-                }
-            }
-        }
-        let images = self.list().await?;
-        Ok(images.into_iter().find(|image| matches_query(image, query)))
-    }
-
-    async fn by_id(&self, id: &Digest) -> Result<Option<ImageView>, CatalogError> {
-        Ok(self.list().await?.into_iter().find(|i| &i.id == id))
+    pub async fn find(&self, query: &ImageQuery) -> Result<Option<Arc<ImageView>>, CatalogError> {
+        let views = self.views().await?;
+        let at = match query {
+            ImageQuery::Id(id) => views.by_id.get(id),
+            ImageQuery::Ref(r) => views.by_name.get(&r.to_string()),
+        };
+        Ok(at.map(|&i| views.images[i].clone()))
     }
 
     /// Removes every record of the image a query names; absent is not an error.
     /// Returns the removed image, if there was one.
-    pub async fn remove(&self, query: &ImageQuery) -> Result<Option<ImageView>, CatalogError> {
+    pub async fn remove(&self, query: &ImageQuery) -> Result<Option<Arc<ImageView>>, CatalogError> {
         let Some(image) = self.find(query).await? else {
             return Ok(None);
         };
@@ -139,27 +155,87 @@ impl Catalog {
         Ok(Some(image))
     }
 
+    /// The views of the index's records now: the last ones built if the index has
+    /// not changed since, else built anew.
+    async fn views(&self) -> Result<Arc<Views>, CatalogError> {
+        let records = self.index.records().await?;
+        if let Some(views) = self.cached(records.generation) {
+            return Ok(views);
+        }
+        let _building = self.building.lock().await;
+        if let Some(views) = self.cached(records.generation) {
+            return Ok(views);
+        }
+        let views = Arc::new(self.build(&records).await?);
+        if views.generation.is_some() {
+            *lock(&self.views) = Some(views.clone());
+        }
+        Ok(views)
+    }
+
+    fn cached(&self, generation: Option<u64>) -> Option<Arc<Views>> {
+        lock(&self.views)
+            .as_ref()
+            .filter(|v| v.reusable_at(generation))
+            .cloned()
+    }
+
+    async fn build(&self, records: &Records) -> Result<Views, CatalogError> {
+        let mut groups: BTreeMap<Digest, (Arc<Resolved>, Vec<&ImageRecord>)> = BTreeMap::new();
+        let mut unresolved = false;
+        let mut targets = HashSet::new();
+        for record in records.records.values() {
+            targets.insert(record.target.digest.clone());
+            let Some(resolved) = self.resolve(&record.target).await? else {
+                tracing::debug!(name = %record.name, "skipping image record whose content is not here");
+                unresolved = true;
+                continue;
+            };
+            groups
+                .entry(resolved.config_digest.clone())
+                .or_insert_with(|| (resolved.clone(), Vec::new()))
+                .1
+                .push(record);
+        }
+        // Documents of targets no record names any more are not kept.
+        lock(&self.resolved).retain(|digest, _| targets.contains(digest));
+        let images: Vec<Arc<ImageView>> = groups
+            .into_values()
+            .map(|(resolved, records)| Arc::new(view(&resolved, &records)))
+            .collect();
+        let mut by_name = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (i, image) in images.iter().enumerate() {
+            by_id.insert(image.id.clone(), i);
+            for name in image.repo_tags.iter().chain(&image.repo_digests) {
+                by_name.insert(name.clone(), i);
+            }
+        }
+        Ok(Views {
+            generation: records.generation,
+            built: Instant::now(),
+            unresolved,
+            images,
+            by_name,
+            by_id,
+        })
+    }
+
     pub async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, CatalogError> {
         Ok(self.store.filesystem_usage(snapshotter).await?)
     }
 
     /// Reads target → (platform manifest) → config, or `None` if content is missing.
     async fn resolve(&self, target: &Descriptor) -> Result<Option<Arc<Resolved>>, CatalogError> {
-        if let Some(r) = self.lock().get(&target.digest) {
+        if let Some(r) = lock(&self.resolved).get(&target.digest) {
             return Ok(Some(r.clone()));
         }
         let Some(resolved) = self.resolve_uncached(target).await? else {
             return Ok(None);
         };
         let resolved = Arc::new(resolved);
-        self.lock().insert(target.digest.clone(), resolved.clone());
+        lock(&self.resolved).insert(target.digest.clone(), resolved.clone());
         Ok(Some(resolved))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Resolved>>> {
-        // The map is only a cache of immutable documents: a poisoned lock still holds
-        // valid entries.
-        self.resolved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn resolve_uncached(
@@ -211,7 +287,7 @@ impl Catalog {
             size,
             user: config.config.as_ref().and_then(|c| c.user.clone()),
             chain_id: config.chain_ids().last().cloned(),
-            config: raw,
+            config: Arc::new(raw),
         }))
     }
 
@@ -229,7 +305,13 @@ impl Catalog {
     }
 }
 
-fn view(resolved: &Resolved, records: &[ImageRecord]) -> ImageView {
+/// The caches behind these locks hold whole values only: a poisoned lock still
+/// holds valid entries.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn view(resolved: &Resolved, records: &[&ImageRecord]) -> ImageView {
     let id_name = resolved.config_digest.to_string();
     let mut repo_tags = Vec::new();
     let mut repo_digests = Vec::new();
@@ -268,12 +350,173 @@ fn view(resolved: &Resolved, records: &[ImageRecord]) -> ImageView {
     }
 }
 
-fn matches_query(image: &ImageView, query: &ImageQuery) -> bool {
-    match query {
-        ImageQuery::Id(id) => &image.id == id,
-        ImageQuery::Ref(r) => {
-            let s = r.to_string();
-            image.repo_tags.contains(&s) || image.repo_digests.contains(&s)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image_index::IndexedStore;
+    use crate::store::{Ingest, Labels, MemoryStore};
+
+    /// Stores `body` as a committed blob; returns its descriptor.
+    async fn blob(store: &MemoryStore, media_type: &str, body: &[u8]) -> Descriptor {
+        let desc = Descriptor::new(media_type, Digest::of(body), body.len() as u64);
+        let lease = store.create_lease(Duration::from_secs(60)).await.unwrap();
+        if let Ingest::Writer(mut w) = store.open_writer(&lease, "doc", &desc).await.unwrap() {
+            w.write(bytes::Bytes::copy_from_slice(body)).await.unwrap();
+            w.commit(Labels::new()).await.unwrap();
         }
+        desc
+    }
+
+    /// A one-layer image whose config says `user`; returns (manifest, config digest).
+    async fn image(store: &MemoryStore, user: &str) -> (Descriptor, Digest) {
+        let layer = Digest::of(user.as_bytes());
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"User": user},
+            "rootfs": {"type": "layers", "diff_ids": [layer.to_string()]},
+        });
+        let config = blob(store, oci::OCI_CONFIG, config.to_string().as_bytes()).await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": oci::OCI_MANIFEST,
+            "config": {"mediaType": oci::OCI_CONFIG, "digest": config.digest.to_string(), "size": config.size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": 1000}],
+        });
+        let manifest = blob(store, oci::OCI_MANIFEST, manifest.to_string().as_bytes()).await;
+        (manifest, config.digest)
+    }
+
+    fn record(name: &str, target: &Descriptor) -> ImageRecord {
+        ImageRecord {
+            name: name.to_string(),
+            target: target.clone(),
+            labels: Labels::new(),
+        }
+    }
+
+    fn catalog(store: &MemoryStore) -> (Catalog, Arc<dyn ImageStore>) {
+        let raw: Arc<dyn ImageStore> = Arc::new(store.clone());
+        let index = ImageIndex::new(raw.clone());
+        let ours: Arc<dyn ImageStore> = Arc::new(IndexedStore::new(raw, index.clone()));
+        (
+            Catalog::new(ours.clone(), index, PlatformSpec::host()),
+            ours,
+        )
+    }
+
+    fn query(text: &str) -> ImageQuery {
+        ImageQuery::parse(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_group_by_config_and_are_found_by_any_name() {
+        let store = MemoryStore::new();
+        let (manifest, id) = image(&store, "1000:1000").await;
+        let (catalog, ours) = catalog(&store);
+        for name in [
+            "docker.io/library/app:1".to_string(),
+            "docker.io/library/app:latest".to_string(),
+            format!("docker.io/library/app@{}", manifest.digest),
+            id.to_string(),
+        ] {
+            ours.put_image(record(&name, &manifest)).await.unwrap();
+        }
+        let images = catalog.list().await.unwrap();
+        assert_eq!(images.len(), 1);
+        let image = &images[0];
+        assert_eq!(image.id, id);
+        assert_eq!(
+            image.repo_tags,
+            ["docker.io/library/app:1", "docker.io/library/app:latest"]
+        );
+        assert_eq!(
+            image.repo_digests,
+            [format!("docker.io/library/app@{}", manifest.digest)]
+        );
+        assert_eq!(image.uid_or_username(), (Some(1000), String::new()));
+        // Index absent + manifest + config + the layer.
+        assert!(image.size > 1000, "{}", image.size);
+        for name in [
+            "docker.io/library/app:1".to_string(),
+            format!("docker.io/library/app@{}", manifest.digest),
+            id.to_string(),
+        ] {
+            let found = catalog.find(&query(&name)).await.unwrap();
+            assert_eq!(found.map(|i| i.id.clone()), Some(id.clone()), "{name}");
+        }
+        assert!(catalog
+            .find(&query("docker.io/library/app:2"))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn reads_in_steady_state_ask_the_store_nothing() {
+        let store = MemoryStore::new();
+        let (manifest, id) = image(&store, "nobody").await;
+        let (catalog, ours) = catalog(&store);
+        ours.put_image(record("docker.io/library/app:1", &manifest))
+            .await
+            .unwrap();
+        catalog.list().await.unwrap();
+        for _ in 0..2000 {
+            if catalog.index.is_synced() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(catalog.index.is_synced());
+        catalog.list().await.unwrap();
+        let reads = store.reads();
+        for _ in 0..3 {
+            assert_eq!(catalog.list().await.unwrap().len(), 1);
+            let found = catalog.find(&query("app:1")).await.unwrap().unwrap();
+            assert_eq!(found.uid_or_username(), (None, "nobody".to_string()));
+            assert!(catalog
+                .find(&ImageQuery::Id(id.clone()))
+                .await
+                .unwrap()
+                .is_some());
+        }
+        assert_eq!(store.reads(), reads, "no store call");
+        // Another tag of the same image: its documents are not read again.
+        ours.put_image(record("docker.io/library/app:2", &manifest))
+            .await
+            .unwrap();
+        let found = catalog.find(&query("app:2")).await.unwrap().unwrap();
+        assert_eq!(found.repo_tags.len(), 2);
+        assert_eq!(store.reads(), reads, "content is cached by digest");
+    }
+
+    #[tokio::test]
+    async fn a_record_without_content_is_skipped_and_removal_reaches_every_name() {
+        let store = MemoryStore::new();
+        let (manifest, id) = image(&store, "").await;
+        let (catalog, ours) = catalog(&store);
+        let missing = Descriptor::new(oci::OCI_MANIFEST, Digest::of(b"absent"), 6);
+        ours.put_image(record("docker.io/library/ghost:1", &missing))
+            .await
+            .unwrap();
+        ours.put_image(record("docker.io/library/app:1", &manifest))
+            .await
+            .unwrap();
+        ours.put_image(record(&id.to_string(), &manifest))
+            .await
+            .unwrap();
+        let images = catalog.list().await.unwrap();
+        assert_eq!(images.len(), 1);
+        let removed = catalog.remove(&query("app:1")).await.unwrap().unwrap();
+        assert_eq!(removed.id, id);
+        // Read back at once: our removal is in the index before any event.
+        assert!(catalog.list().await.unwrap().is_empty());
+        assert!(catalog.remove(&query("app:1")).await.unwrap().is_none());
+        let left: Vec<String> = store
+            .list_images()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(left, ["docker.io/library/ghost:1"]);
     }
 }

@@ -13,6 +13,8 @@
 //!   concurrent pulls of the same reference, and drives registry → store.
 //! - [`catalog`]: the image view over the store: groups image records by image ID
 //!   and reads the manifest and config behind them.
+//! - [`image_index`]: the image records in memory, kept current from containerd's
+//!   event stream, so the read RPCs ask containerd nothing.
 //! - [`policy`]: which hosts to contact for a reference and how (registries.conf:
 //!   mirrors, blocked registries, TLS, insecure).
 //! - [`trust_policy`]: whether an image may be pulled at all (policy.json).
@@ -43,6 +45,7 @@ pub mod digest;
 pub mod explain;
 pub mod file_stamp;
 pub mod fs_usage;
+pub mod image_index;
 pub mod metrics;
 pub mod oci;
 pub mod platform;

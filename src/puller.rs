@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+mod warm;
+
 /// Manifests and configs above this size are refused.
 const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
 /// The most layers an image may have. Real images have tens; overlayfs itself stops
@@ -702,6 +704,10 @@ impl Inner {
 
     /// One try at one source with one credential. Returns (image ID, target).
     async fn pull_from(&self, at: &Attempting<'_>) -> Result<(Digest, Descriptor), PullError> {
+        // An image already here costs one manifest HEAD, as with containerd.
+        if let Some(done) = self.warm_pull(at).await? {
+            return Ok(done);
+        }
         let endpoint = &at.source.endpoint;
         let repo = at.source.reference.path();
         let reg_err = |source: RegistryError| PullError::Registry {
@@ -764,42 +770,13 @@ impl Inner {
                 }
             };
         // Signatures are judged on the platform manifest, before anything is written.
-        if !at.signatures.pending.is_empty() {
-            let registry = signature::fetch::Registry {
-                client: &self.registry,
-                endpoint,
-                repository: repo,
-                credential: at.credential,
-            };
-            // As containers/image does, registries.d is looked up for the source
-            // contacted (a mirror may keep its own lookaside).
-            let sources = at
-                .signatures
-                .trust
-                .registries_d()
-                .sources_for(&at.source.reference);
-            let pulled = signature::Pulled {
-                digest: &manifest_desc.digest,
-                manifest: &manifest_body,
-                index: index.as_ref().map(|(top, _)| &top.descriptor.digest),
-            };
-            let accepted = signature::enforce(
-                &at.signatures.pending,
-                &sources,
-                &registry,
-                at.image,
-                pulled,
-            )
-            .await
-            .map_err(|e| match e {
-                signature::EnforceError::Refused(r) => PullError::Refused(r),
-                signature::EnforceError::Unreadable(source) => PullError::Signatures {
-                    image: at.image.to_string(),
-                    source: Box::new(source),
-                },
-            })?;
-            tracing::info!(image = %at.image, manifest = %manifest_desc.digest, accepted = ?accepted, "signatures verified");
-        }
+        self.verify_signatures(
+            at,
+            &manifest_desc.digest,
+            &manifest_body,
+            index.as_ref().map(|(top, _)| &top.descriptor.digest),
+        )
+        .await?;
         let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;
         // The config is read whole: refuse an absurd one before downloading it.
         if manifest.config.size > MAX_DOCUMENT_BYTES {
@@ -868,6 +845,55 @@ impl Inner {
             .await;
         cleanup.run(result.is_err()).await;
         result
+    }
+
+    /// Enforces policy.json's signature requirements (if any) on the platform
+    /// manifest `digest` with body `manifest`, reached through the index `index`.
+    async fn verify_signatures(
+        &self,
+        at: &Attempting<'_>,
+        digest: &Digest,
+        manifest: &Bytes,
+        index: Option<&Digest>,
+    ) -> Result<(), PullError> {
+        if at.signatures.pending.is_empty() {
+            return Ok(());
+        }
+        let registry = signature::fetch::Registry {
+            client: &self.registry,
+            endpoint: &at.source.endpoint,
+            repository: at.source.reference.path(),
+            credential: at.credential,
+        };
+        // As containers/image does, registries.d is looked up for the source
+        // contacted (a mirror may keep its own lookaside).
+        let sources = at
+            .signatures
+            .trust
+            .registries_d()
+            .sources_for(&at.source.reference);
+        let pulled = signature::Pulled {
+            digest,
+            manifest,
+            index,
+        };
+        let accepted = signature::enforce(
+            &at.signatures.pending,
+            &sources,
+            &registry,
+            at.image,
+            pulled,
+        )
+        .await
+        .map_err(|e| match e {
+            signature::EnforceError::Refused(r) => PullError::Refused(r),
+            signature::EnforceError::Unreadable(source) => PullError::Signatures {
+                image: at.image.to_string(),
+                source: Box::new(source),
+            },
+        })?;
+        tracing::info!(image = %at.image, manifest = %digest, accepted = ?accepted, "signatures verified");
+        Ok(())
     }
 
     async fn fetch_and_unpack(

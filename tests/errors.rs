@@ -269,11 +269,7 @@ async fn token_registry_refuses_a_user_without_a_grant_for_the_repository() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
-    // Declared first, so dropped last: the harness's teardown asks the running
-    // containerd (`ctr tasks ls`) before removing its directory, and `ctr` waits
-    // 10 s for a socket nobody serves.
-    let mut restarted: Restarted;
-    let (containerd, registry) = start_with(containerd, Registry::open);
+    let (mut containerd, registry) = start_with(containerd, Registry::open);
     let pushed = images::busybox().build().push(&registry, "errors/store");
     let daemon = DaemonConfig::new(&containerd).registry(&registry).start();
 
@@ -338,7 +334,7 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
 
     // A real restart: the daemon's established connection breaks under it, and a
     // containerd on the same socket and root comes up again.
-    restarted = restart(&containerd);
+    containerd.restart();
     let second = images::busybox()
         .app_text("after a containerd restart\n")
         .build()
@@ -353,7 +349,6 @@ async fn containerd_down_is_unavailable_naming_it_and_the_daemon_recovers() {
         &containerd.image_names(),
         "the pull after a restart",
     );
-    assert!(restarted.is_running());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,11 +361,10 @@ async fn a_pull_in_flight_when_containerd_restarts_completes_or_fails_cleanly() 
 }
 
 async fn pull_across_a_containerd_restart(direct: bool) {
-    let mut restarted: Restarted;
     let fake = FakeRegistry::start();
     let image = images::random_image(6 << 20, 2, &format!("restart-{direct}"));
     let reference = fake.serve_image(&image, "errors/restart-mid-pull");
-    let containerd = containerd();
+    let mut containerd = containerd();
     let daemon = DaemonConfig::new(&containerd)
         .registries_conf(&fake.insecure_entry())
         .direct_content(direct)
@@ -390,7 +384,7 @@ async fn pull_across_a_containerd_restart(direct: bool) {
     assert!(started.is_some(), "the stalled layer was never asked for");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    restarted = restart(&containerd);
+    containerd.restart();
     fake.release(&stalled);
     // Only a hang guard: the daemon has no business waiting this long.
     let outcome = tokio::time::timeout(Duration::from_secs(120), pulling)
@@ -432,9 +426,6 @@ async fn pull_across_a_containerd_restart(direct: bool) {
         &containerd.image_names(),
         "the pull after containerd's restart",
     );
-    assert!(restarted.is_running());
-    drop(daemon);
-    drop(containerd);
 }
 
 /// Whether `ctr leases ls` lists none within a minute (a hang guard).
@@ -447,88 +438,6 @@ async fn wait_for_leases_gone(containerd: &Containerd) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
-}
-
-/// A containerd this test started in place of the harness's one; stopped on drop.
-struct Restarted(std::process::Child);
-
-impl Restarted {
-    fn is_running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        common::terminate(&mut self.0, Duration::from_secs(10));
-    }
-}
-
-/// Stops the harness's containerd (our own child process, found by the config path
-/// in its arguments) and starts a new one with the same config: same socket, root
-/// and state.
-fn restart(containerd: &Containerd) -> Restarted {
-    let config = containerd.dir().join("config.toml");
-    let pid = child_with_arg(config.as_os_str().as_encoded_bytes())
-        .unwrap_or_else(|| panic!("no child process runs containerd with {}", config.display()));
-    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    // It stays our zombie until the harness reaps it; gone from the socket is enough.
-    let stopped = Instant::now();
-    while !is_zombie(pid) {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(30),
-            "containerd did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = containerd.dir().join("containerd-restarted.log");
-    let mut child = common::must(common::spawn_logged(
-        Command::new("containerd").arg("--config").arg(&config),
-        &log,
-        "the restarted containerd",
-    ));
-    let waited = common::wait_ready(
-        "restarted containerd",
-        &mut child,
-        &log,
-        Duration::from_secs(60),
-        || {
-            common::read_log(&log)
-                .contains("containerd successfully booted")
-                .then_some(())
-        },
-    );
-    let restarted = Restarted(child);
-    common::must(waited);
-    restarted
-}
-
-/// A child of this process whose command line has `arg`.
-fn child_with_arg(arg: &[u8]) -> Option<rustix::process::Pid> {
-    let me = std::process::id().to_string();
-    for (pid, dir) in common::processes() {
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // Fields after the parenthesised name: state, ppid, …
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if ppid != Some(me.as_str()) {
-            continue;
-        }
-        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-        if cmdline.split(|b| *b == 0).any(|a| a == arg) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-fn is_zombie(pid: rustix::process::Pid) -> bool {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).unwrap_or_default();
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .is_none_or(|state| state == "Z")
 }
 
 /// Runs the daemon binary with `--config path` and returns (exit code, stderr). A

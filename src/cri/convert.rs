@@ -237,7 +237,7 @@ pub fn image(view: &ImageView) -> proto::Image {
 pub fn verbose_info(view: &ImageView) -> HashMap<String, String> {
     let info = serde_json::json!({
         "chainID": view.chain_id.as_ref().map(ToString::to_string).unwrap_or_default(),
-        "imageSpec": view.config,
+        "imageSpec": view.config.as_ref(),
     });
     HashMap::from([("info".to_string(), info.to_string())])
 }
@@ -298,7 +298,7 @@ mod tests {
             user: user.map(Into::into),
             pinned: false,
             chain_id: Some(Digest::of(b"chain")),
-            config: serde_json::json!({"architecture": "amd64"}),
+            config: Arc::new(serde_json::json!({"architecture": "amd64"})),
             record_names: vec![],
         }
     }

@@ -64,13 +64,13 @@ impl ImageServiceImpl {
                 .collect(),
             None => self.catalog.list().await?,
         };
-        Ok(images.iter().map(convert::image).collect())
+        Ok(images.iter().map(|image| convert::image(image)).collect())
     }
 
     /// The image `name` names: an ID, a fully qualified reference, or a short name
     /// looked up under each of its registries.conf candidates in order (as CRI-O
     /// does, so kubelet finds what a short-name pull stored).
-    async fn find(&self, name: &str) -> Result<Option<ImageView>, Error> {
+    async fn find(&self, name: &str) -> Result<Option<Arc<ImageView>>, Error> {
         let query = ImageQuery::parse(name)?;
         if let ImageQuery::Id(_) = query {
             return Ok(self.catalog.find(&query).await?);

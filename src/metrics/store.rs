@@ -7,7 +7,8 @@ use super::Metrics;
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{
-    ContentInfo, ContentWriter, FsUsage, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
+    ContentInfo, ContentWriter, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels,
+    Lease, StoreError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -172,6 +173,10 @@ impl ImageStore for MeteredStore {
 
     async fn delete_image(&self, name: &str, sync: bool) -> Result<(), StoreError> {
         self.count("delete_image", self.inner.delete_image(name, sync).await)
+    }
+
+    async fn image_events(&self) -> Result<ImageEvents, StoreError> {
+        self.count("image_events", self.inner.image_events().await)
     }
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError> {

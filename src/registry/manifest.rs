@@ -16,7 +16,70 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 const SCHEMA1_WHY: &str =
     "Docker schema 1 manifests are deprecated; push the image again with a current client";
 
+/// What a manifest `HEAD` says: the digest the registry resolves the reference to
+/// (`Docker-Content-Digest`), the media type and the size, each when given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+    pub size: Option<u64>,
+}
+
 impl RegistryClient {
+    /// Asks what `reference` (a tag or a digest) in `repository` resolves to without
+    /// reading the manifest: a `HEAD` with the manifest Accept header, as containerd
+    /// resolves. Docker Hub does not count HEADs against its pull rate limit.
+    #[tracing::instrument(skip(self, credential), fields(host = %endpoint.host, auth = credential.map(Credential::kind).unwrap_or("anonymous")))]
+    pub async fn head_manifest(
+        &self,
+        endpoint: &Endpoint,
+        repository: &str,
+        reference: &str,
+        credential: Option<&Credential>,
+    ) -> Result<ManifestHead, RegistryError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(oci::MANIFEST_ACCEPT));
+        let subject = NotFound::Manifest {
+            repository: repository.to_string(),
+            reference: reference.to_string(),
+        };
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let response = self
+            .send(
+                http::Method::HEAD,
+                endpoint,
+                repository,
+                &path,
+                headers,
+                credential,
+                &subject,
+            )
+            .await?;
+        let header = |name: http::header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let digest = header(http::header::HeaderName::from_static(
+            "docker-content-digest",
+        ))
+        .and_then(|v| match v.parse::<Digest>() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring Docker-Content-Digest");
+                None
+            }
+        });
+        Ok(ManifestHead {
+            digest,
+            media_type: header(CONTENT_TYPE)
+                .map(|v| v.split(';').next().unwrap_or_default().trim().to_string()),
+            size: header(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        })
+    }
+
     /// Resolves `reference` (a tag or a `sha256:` digest) in `repository` to its
     /// manifest or index (GET with the manifest Accept header).
     #[tracing::instrument(skip(self, credential), fields(host = %endpoint.host, auth = credential.map(Credential::kind).unwrap_or("anonymous")))]
@@ -202,6 +265,30 @@ mod tests {
         assert_eq!(got.descriptor.digest, Digest::of(&fake::manifest_body()));
         assert_eq!(got.descriptor.media_type, oci::OCI_MANIFEST);
         let seen = registry.seen();
+        assert_eq!(seen[0].path(), "/v2/team/app/manifests/v1");
+        assert_eq!(seen[0].header("accept"), Some(oci::MANIFEST_ACCEPT));
+    }
+
+    #[tokio::test]
+    async fn head_gives_digest_type_and_size_without_a_body() {
+        let registry = Fake::start(|seen: &fake::Seen| {
+            fake::with_header(
+                fake::serve_image(seen),
+                "docker-content-digest",
+                &Digest::of(&fake::manifest_body()).to_string(),
+            )
+        })
+        .await;
+        let head = fake::client()
+            .head_manifest(&fake::insecure(&registry), "team/app", "v1", None)
+            .await
+            .unwrap();
+        assert_eq!(head.digest, Some(Digest::of(&fake::manifest_body())));
+        assert_eq!(head.media_type.as_deref(), Some(oci::OCI_MANIFEST));
+        assert_eq!(head.size, Some(fake::manifest_body().len() as u64));
+        let seen = registry.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].method, http::Method::HEAD);
         assert_eq!(seen[0].path(), "/v2/team/app/manifests/v1");
         assert_eq!(seen[0].header("accept"), Some(oci::MANIFEST_ACCEPT));
     }

@@ -162,12 +162,36 @@ impl RegistryClient {
         &self.inner.metrics
     }
 
-    /// [`Self::get_once`], again after a transient failure (a dropped or unanswered
+    /// A GET through [`Self::send`].
+    async fn get(
+        &self,
+        endpoint: &Endpoint,
+        repository: &str,
+        path: &str,
+        headers: HeaderMap,
+        credential: Option<&Credential>,
+        subject: &NotFound,
+    ) -> Result<http::Response<Incoming>, RegistryError> {
+        self.send(
+            http::Method::GET,
+            endpoint,
+            repository,
+            path,
+            headers,
+            credential,
+            subject,
+        )
+        .await
+    }
+
+    /// [`Self::send_once`], again after a transient failure (a dropped or unanswered
     /// connection, 5xx, 429): up to [`RETRIES`] more times, waiting an exponential
     /// backoff with jitter, or the registry's `Retry-After`, never longer than the
     /// progress timeout. 4xx and refused connections are answered at once.
-    async fn get(
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
         &self,
+        method: http::Method,
         endpoint: &Endpoint,
         repository: &str,
         path: &str,
@@ -178,7 +202,8 @@ impl RegistryClient {
         let mut retry = 0;
         loop {
             let result = self
-                .get_once(
+                .send_once(
+                    method.clone(),
                     endpoint,
                     repository,
                     path,
@@ -207,12 +232,15 @@ impl RegistryClient {
         }
     }
 
-    /// GETs `path` on the endpoint, authenticating as the registry asks: a first try
-    /// with what we already hold, then, on a 401, one more with what the challenge
-    /// wants. Any non-2xx answer left after that becomes a `RegistryError`.
+    /// Sends `method` (GET or HEAD) for `path` on the endpoint, authenticating as the
+    /// registry asks: a first try with what we already hold, then, on a 401, one more
+    /// with what the challenge wants. Any non-2xx answer left after that becomes a
+    /// `RegistryError`.
     #[tracing::instrument(level = "debug", skip(self, headers, credential, subject), fields(host = %endpoint.host))]
-    async fn get_once(
+    #[allow(clippy::too_many_arguments)]
+    async fn send_once(
         &self,
+        method: http::Method,
         endpoint: &Endpoint,
         repository: &str,
         path: &str,
@@ -229,7 +257,7 @@ impl RegistryClient {
             .await?;
         let mut retried = false;
         loop {
-            let req = Outgoing::get(headers.clone(), authorization.clone());
+            let req = Outgoing::new(method.clone(), headers.clone(), authorization.clone());
             let response = transport.send(endpoint, url.clone(), &req).await?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !retried {

@@ -43,8 +43,12 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     pub fn get(headers: HeaderMap, authorization: Option<HeaderValue>) -> Self {
+        Self::new(Method::GET, headers, authorization)
+    }
+
+    pub fn new(method: Method, headers: HeaderMap, authorization: Option<HeaderValue>) -> Self {
         Outgoing {
-            method: Method::GET,
+            method,
             headers,
             body: Bytes::new(),
             authorization,

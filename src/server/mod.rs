@@ -16,6 +16,7 @@ use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::cri::ImageServiceImpl;
+use crate::image_index::{ImageIndex, IndexedStore};
 use crate::metrics::store::MeteredStore;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyError};
@@ -100,6 +101,9 @@ pub fn build_service(
             .with_direct_content(config.containerd.direct_content),
     );
     let store: Arc<dyn ImageStore> = Arc::new(MeteredStore::new(containerd, metrics.clone()));
+    // Our own record writes reach the index as soon as containerd accepted them.
+    let index = ImageIndex::new(store.clone());
+    let store: Arc<dyn ImageStore> = Arc::new(IndexedStore::new(store, index.clone()));
     let keyring = keyring(config)?;
     keyring.preload();
     let proxy = if config.registry.proxy.is_empty() {
@@ -137,7 +141,7 @@ pub fn build_service(
     };
     let trust = trust_policy(config)?;
     let puller = Puller::new(store.clone(), registry, policy, trust, keyring, settings);
-    let catalog = Arc::new(Catalog::new(store, platform));
+    let catalog = Arc::new(Catalog::new(store, index, platform));
     Ok(ImageServiceImpl::new(
         puller,
         catalog,

@@ -9,16 +9,18 @@
 //! - `direct`: blobs written straight into containerd's content directory.
 //! - `snapshots`: unpacking layers and the snapshotter's disk usage.
 //! - `images`: image records.
+//! - `events`: the image records' changes, from containerd's event stream.
 
 mod content;
 mod direct;
+mod events;
 mod images;
 mod snapshots;
 
 use direct::DirectContent;
 
 use super::{
-    ContentInfo, FsUsage, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
+    ContentInfo, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
     LABEL_GC_EXPIRE,
 };
 use crate::digest::Digest;
@@ -445,6 +447,10 @@ impl ImageStore for ContainerdStore {
 
     async fn delete_image(&self, name: &str, sync: bool) -> Result<(), StoreError> {
         self.images_delete(name, sync).await
+    }
+
+    async fn image_events(&self) -> Result<ImageEvents, StoreError> {
+        self.image_event_stream().await
     }
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError> {

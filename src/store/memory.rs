@@ -3,16 +3,22 @@
 //! each. Chosen explicitly by tests; the daemon never uses it.
 
 use super::{
-    ContentInfo, ContentWriter, FsUsage, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
+    ContentInfo, ContentWriter, FsUsage, ImageEvent, ImageEvents, ImageRecord, ImageStore, Ingest,
+    Labels, Lease, StoreError,
 };
 use crate::digest::{Digest, Verifier};
 use crate::oci::Descriptor;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Events a subscriber may fall behind by before its stream breaks (as a slow
+/// containerd subscriber's would).
+const EVENT_BACKLOG: usize = 1024;
 
 #[derive(Default)]
 struct Inner {
@@ -27,15 +33,65 @@ struct Inner {
 }
 
 /// The in-memory store. Clones share the same state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     next_lease: Arc<AtomicU64>,
+    /// Image record changes; `None` ends every stream open at the time.
+    events: broadcast::Sender<Option<ImageEvent>>,
+    /// Image record calls fail with `Unavailable`, as when containerd is down.
+    unavailable: Arc<AtomicBool>,
+    /// Calls that read image records or content (list, get, read), for tests that
+    /// check a cache answered instead.
+    reads: Arc<AtomicU64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            inner: Arc::default(),
+            next_lease: Arc::default(),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+            unavailable: Arc::default(),
+            reads: Arc::default(),
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Ends every image event stream open now, as a containerd restart does.
+    pub fn break_event_streams(&self) {
+        let _ = self.events.send(None);
+    }
+
+    /// While set, image record calls (list, get, put, delete, subscribe) fail with
+    /// `Unavailable`.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// How many image record and content reads were made so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    fn image_call(&self) -> Result<(), StoreError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                address: "memory".into(),
+                detail: "set unavailable by the test".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn emit(&self, event: ImageEvent) {
+        // No subscriber is not an error.
+        let _ = self.events.send(Some(event));
     }
 
     /// Makes `apply_layer` report `diff_id` for `layer` (by default it reports the
@@ -141,6 +197,7 @@ impl ImageStore for MemoryStore {
     }
 
     async fn read_content(&self, digest: &Digest, max: u64) -> Result<Bytes, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         let data = self.blob(digest).ok_or_else(|| StoreError::NotFound {
             what: format!("blob {digest}"),
         })?;
@@ -218,21 +275,55 @@ impl ImageStore for MemoryStore {
     }
 
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.image_call()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(self.lock().images.values().cloned().collect())
     }
 
     async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        self.image_call()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(self.lock().images.get(name).cloned())
     }
 
     async fn put_image(&self, record: ImageRecord) -> Result<(), StoreError> {
-        self.lock().images.insert(record.name.clone(), record);
+        self.image_call()?;
+        let name = record.name.clone();
+        // Emitted under the lock, so events come in the order of the changes.
+        let mut inner = self.lock();
+        inner.images.insert(name.clone(), record);
+        self.emit(ImageEvent::Changed { name });
         Ok(())
     }
 
     async fn delete_image(&self, name: &str, _sync: bool) -> Result<(), StoreError> {
-        self.lock().images.remove(name);
+        self.image_call()?;
+        let mut inner = self.lock();
+        if inner.images.remove(name).is_some() {
+            self.emit(ImageEvent::Deleted {
+                name: name.to_string(),
+            });
+        }
         Ok(())
+    }
+
+    async fn image_events(&self) -> Result<ImageEvents, StoreError> {
+        self.image_call()?;
+        let receiver = self.events.subscribe();
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(Some(event)) => Some((Ok(event), receiver)),
+                Ok(None) | Err(broadcast::error::RecvError::Closed) => None,
+                Err(broadcast::error::RecvError::Lagged(missed)) => Some((
+                    Err(StoreError::Malformed {
+                        what: "image event stream",
+                        detail: format!("{missed} events missed"),
+                    }),
+                    receiver,
+                )),
+            }
+        });
+        Ok(Box::pin(stream))
     }
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError> {

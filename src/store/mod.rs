@@ -8,6 +8,7 @@ use crate::digest::Digest;
 use crate::oci::Descriptor;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -36,6 +37,24 @@ pub struct ImageRecord {
     pub target: Descriptor,
     pub labels: Labels,
 }
+
+/// A change to an image record of the store's namespace, as its event stream tells
+/// it. containerd's events carry the name (and labels) but not the target, so a
+/// follower asks [`ImageStore::get_image`] for the record as it now is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageEvent {
+    /// The record was created or updated.
+    Changed {
+        name: String,
+    },
+    Deleted {
+        name: String,
+    },
+}
+
+/// Image record changes, in the order the store made them. Ends (or yields an error)
+/// when the connection breaks: changes after that are not on it.
+pub type ImageEvents = BoxStream<'static, Result<ImageEvent, StoreError>>;
 
 /// What containerd knows about one blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +168,10 @@ pub trait ImageStore: Send + Sync {
     /// Deletes the record; a missing name is not an error. `sync` asks containerd
     /// to garbage-collect before returning.
     async fn delete_image(&self, name: &str, sync: bool) -> Result<(), StoreError>;
+    /// Subscribes to the namespace's image record changes. Returns once the
+    /// subscription is live: every change made after this returns is on the stream,
+    /// so a list taken afterwards plus the stream is the whole truth.
+    async fn image_events(&self) -> Result<ImageEvents, StoreError>;
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError>;
 }

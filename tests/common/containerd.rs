@@ -46,6 +46,8 @@ pub struct Containerd {
     socket: PathBuf,
     snapshotter: String,
     log: PathBuf,
+    /// Whether the CRI plugin runs (what readiness waits for).
+    cri: bool,
     // Last: removed after the process is gone.
     dir: TempDir,
 }
@@ -112,6 +114,7 @@ impl Containerd {
             socket,
             snapshotter: options.snapshotter,
             log,
+            cri,
             dir,
         };
         waited?;
@@ -284,6 +287,32 @@ impl Containerd {
             .filter_map(|line| line.split_whitespace().next())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Stops containerd (SIGTERM, as a service restart does) and starts it again with
+    /// the same config: same socket, root and state. Clients' connections break; its
+    /// log goes on in a new file.
+    pub fn restart(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
+        let config = self.dir.path().join("config.toml");
+        self.log = self.dir.path().join("containerd-restarted.log");
+        self.child = must(spawn_logged(
+            Command::new("containerd").arg("--config").arg(&config),
+            &self.log,
+            "the restarted containerd",
+        ));
+        let (log, cri) = (self.log.clone(), self.cri);
+        must(wait_ready(
+            "restarted containerd",
+            &mut self.child,
+            &self.log,
+            Duration::from_secs(60),
+            || {
+                let text = read_log(&log);
+                let booted = text.contains("containerd successfully booted");
+                (booted && (!cri || text.contains("Start streaming server"))).then_some(())
+            },
+        ));
     }
 
     /// The containerd process's ID (to read its CPU time from /proc).

@@ -54,6 +54,10 @@ pub struct Faults {
     pub trickle_blobs: Vec<(String, usize)>,
     /// Answers that never end, instead of the real ones.
     pub hostile: Option<Hostile>,
+    /// Manifest HEADs answer this status (405: a registry that allows GET only).
+    pub manifest_head_status: Option<u16>,
+    /// Manifest HEADs come without `Docker-Content-Digest`.
+    pub manifest_head_without_digest: bool,
 }
 
 /// A registry that sends bodies without end, to prove the client bounds what it
@@ -361,7 +365,8 @@ impl State {
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let response = self.respond(&path, authorization.as_deref(), request.headers());
+        let head = request.method() == hyper::Method::HEAD;
+        let response = self.respond(&path, head, authorization.as_deref(), request.headers());
         lock(&self.requests).push(SeenRequest {
             method,
             path,
@@ -375,6 +380,7 @@ impl State {
     fn respond(
         &self,
         path: &str,
+        head: bool,
         authorization: Option<&str>,
         headers: &hyper::HeaderMap,
     ) -> Response<Body> {
@@ -428,7 +434,7 @@ impl State {
             );
         }
         if let Some((repo, reference)) = split(path, "/manifests/") {
-            return self.manifest(repo, reference, &faults);
+            return self.manifest(repo, reference, head, &faults);
         }
         if let Some((repo, digest)) = split(path, "/blobs/") {
             return self.blob(repo, digest, &faults, headers);
@@ -454,7 +460,11 @@ impl State {
         error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown path")
     }
 
-    fn manifest(&self, repo: &str, reference: &str, faults: &Faults) -> Response<Body> {
+    fn manifest(&self, repo: &str, reference: &str, head: bool, faults: &Faults) -> Response<Body> {
+        if let Some(status) = faults.manifest_head_status.filter(|_| head) {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::METHOD_NOT_ALLOWED);
+            return full(status, "text/plain", Bytes::new());
+        }
         match faults.hostile {
             Some(Hostile::EndlessManifest) => {
                 let mut r = self.endless(
@@ -512,8 +522,11 @@ impl State {
             Some((media_type, body)) => {
                 let digest = sha256(&body);
                 let mut r = full(StatusCode::OK, &media_type, body);
+                let hide = head && faults.manifest_head_without_digest;
                 if let Ok(v) = hyper::header::HeaderValue::from_str(&digest) {
-                    r.headers_mut().insert("docker-content-digest", v);
+                    if !hide {
+                        r.headers_mut().insert("docker-content-digest", v);
+                    }
                 }
                 r
             }
