@@ -58,6 +58,7 @@ pub mod signature;
 pub mod store;
 pub mod timestamp;
 pub mod trust_policy;
+pub mod unpack;
 
 /// Generated CRI v1 types and service stubs (`proto/runtime/v1/api.proto`).
 pub mod proto {
