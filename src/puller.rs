@@ -47,6 +47,8 @@ pub struct PullSettings {
     pub snapshotter: String,
     pub platform: PlatformSpec,
     pub max_concurrent_downloads: usize,
+    /// Layers extracted at once per pull when the store unpacks in-house.
+    pub max_concurrent_unpacks: usize,
     /// Pulls running at once on the node (others wait in arrival order); 0: no limit.
     pub max_concurrent_pulls: usize,
     pub lease_expiry: Duration,
@@ -1341,6 +1343,7 @@ mod tests {
             snapshotter: "overlayfs".into(),
             platform: PlatformSpec::host(),
             max_concurrent_downloads: 1,
+            max_concurrent_unpacks: 1,
             max_concurrent_pulls: 0,
             lease_expiry: Duration::from_secs(60),
             pinned: vec!["busybox".into(), "registry.k8s.io/pause:*".into()],

@@ -14,7 +14,7 @@ use crate::auth::files::FileSettings;
 use crate::auth::provider::{ProviderError, Providers};
 use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, UnpackSetting};
 use crate::cri::ImageServiceImpl;
 use crate::metrics::store::MeteredStore;
 use crate::metrics::Metrics;
@@ -24,7 +24,7 @@ use crate::puller::{PullSettings, Puller};
 use crate::registry::proxy::ProxyError;
 use crate::registry::{ClientSettings, ProxySettings, RegistryClient, RegistryError};
 use crate::reload::Reloading;
-use crate::store::{ContainerdStore, ImageStore, StoreError};
+use crate::store::{ContainerdStore, ImageStore, StoreError, UnpackMode};
 use crate::trust_policy::{TrustPolicy, TrustPolicyError};
 use h2_edge::H2Edge;
 use std::future::Future;
@@ -97,7 +97,11 @@ pub fn build_service(
     let address = config.containerd.address.to_string_lossy().into_owned();
     let containerd: Arc<dyn ImageStore> = Arc::new(
         ContainerdStore::connect(&address, &config.containerd.namespace)?
-            .with_direct_content(config.containerd.direct_content),
+            .with_direct_content(config.containerd.direct_content)
+            .with_unpack(match config.pull.unpack {
+                UnpackSetting::Auto => UnpackMode::Auto,
+                UnpackSetting::Containerd => UnpackMode::Containerd,
+            }),
     );
     let store: Arc<dyn ImageStore> = Arc::new(MeteredStore::new(containerd, metrics.clone()));
     let keyring = keyring(config)?;
@@ -130,6 +134,7 @@ pub fn build_service(
         snapshotter: config.containerd.snapshotter.clone(),
         platform: platform.clone(),
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
+        max_concurrent_unpacks: config.pull.unpack_concurrency(),
         max_concurrent_pulls: config.pull.max_concurrent_pulls,
         pinned: config.pull.pinned.clone(),
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub mod containerd;
 pub mod memory;
 
-pub use self::containerd::ContainerdStore;
+pub use self::containerd::{ContainerdStore, UnpackMode};
 pub use self::memory::MemoryStore;
 
 pub type Labels = BTreeMap<String, String>;
@@ -142,6 +142,36 @@ pub trait ImageStore: Send + Sync {
         chain_id: &Digest,
     ) -> Result<Digest, StoreError>;
 
+    /// In-house unpacking, first half: extracts `layer` (already in the content
+    /// store) into a staging directory beside `snapshotter`'s snapshots and checks
+    /// its diff ID, without touching any snapshot, so layers can be staged in
+    /// parallel and ahead of their parents. `first`: the layer has no parent.
+    /// `Ok(None)`: this store does not stage for `snapshotter` (use `apply_layer`).
+    async fn stage_layer(
+        &self,
+        _snapshotter: &str,
+        _layer: &Descriptor,
+        _diff_id: &Digest,
+        _first: bool,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        Ok(None)
+    }
+    /// In-house unpacking, second half, in layer order: prepares the snapshot on
+    /// `parent`, moves the staged tree into it and commits it as `chain_id`. On
+    /// failure nothing is committed and the prepared snapshot is removed.
+    async fn commit_staged(
+        &self,
+        _lease: &Lease,
+        _snapshotter: &str,
+        staged: StagedLayer,
+        _parent: Option<&Digest>,
+        _chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Local {
+            detail: format!("this store cannot commit the staged layer {}", staged.layer),
+        })
+    }
+
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError>;
     async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
     /// Creates the record, or updates target and labels if the name exists.
@@ -151,6 +181,25 @@ pub trait ImageStore: Send + Sync {
     async fn delete_image(&self, name: &str, sync: bool) -> Result<(), StoreError>;
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError>;
+}
+
+/// A layer extracted into a staging directory, not yet a snapshot
+/// ([`ImageStore::stage_layer`]). Dropped unused, its directory is removed.
+#[derive(Debug)]
+pub struct StagedLayer {
+    pub(crate) dir: Option<std::path::PathBuf>,
+    pub(crate) implicit_dirs: Vec<std::path::PathBuf>,
+    pub(crate) whiteouts: crate::unpack::Whiteouts,
+    /// The layer blob's digest.
+    pub layer: Digest,
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            containerd::remove_staged_tree(&dir);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,4 +228,7 @@ pub enum StoreError {
     Local { detail: String },
     #[error("containerd returned a malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
+    /// In-house unpacking refused or failed on a layer.
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
 }

@@ -84,6 +84,9 @@ pub(super) struct Meta {
     pub(super) gid: u32,
     mtime: Timespec,
     xattrs: Vec<(String, Vec<u8>)>,
+    /// PAX-format sparse file, version 1.0 (what GNU tar writes with
+    /// `--format=posix --sparse`): its real name and size.
+    sparse: Option<(Vec<u8>, u64)>,
 }
 
 pub(super) struct Extractor<'a> {
@@ -188,12 +191,17 @@ impl Extractor<'_> {
         }
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let meta = self.meta(&mut entry, &shown)?;
+        // A PAX sparse file's header names a placeholder; its name is in the records.
+        let raw_path = match &meta.sparse {
+            Some((name, _)) => name.clone(),
+            None => raw_path,
+        };
         let max = self.options.limits.max_path_bytes;
         let Some(path) = clean(&raw_path, max).map_err(|r| self.hostile(&shown, r))? else {
             // containerd ignores entries that resolve to the root (`./`).
             return Ok(());
         };
-        let meta = self.meta(&mut entry, &shown)?;
 
         // Resolve (and create) the parent inside the root.
         let parent_rel = path.parent().to_vec();
@@ -224,8 +232,10 @@ impl Extractor<'_> {
         }
 
         match kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.file(&mut entry, parent.as_fd(), &path, &meta, kind)?
+            // Old GNU sparse entries (type 'S') fall through to "unsupported", as
+            // containerd refuses them ("unhandled tar header type 83").
+            EntryType::Regular | EntryType::Continuous => {
+                self.file(&mut entry, parent.as_fd(), &path, &meta)?
             }
             EntryType::Directory => {
                 self.directory(parent.as_fd(), &path, &meta, keep_dir)?;
@@ -309,11 +319,27 @@ impl Extractor<'_> {
             tv_nsec: 0,
         };
         let mut xattrs = Vec::new();
+        let mut sparse_version: (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+        let mut sparse_name = None;
+        let mut sparse_size = None;
         if let Some(pax) = entry.pax_extensions().map_err(|e| bad("PAX header", e))? {
             for record in pax {
                 let record = record.map_err(|e| bad("PAX record", e))?;
                 let Ok(key) = record.key() else { continue };
                 if let Some(name) = key.strip_prefix(PAX_XATTR) {
+                    // `trusted.*` is the overlay driver's own namespace
+                    // (`trusted.overlay.opaque`, `.redirect`, `.metacopy` steer
+                    // lookups into other layers): never taken from a layer. containerd's
+                    // applier ends up with none either (checked by tests/unpack.rs).
+                    if name.starts_with("trusted.") {
+                        tracing::debug!(
+                            layer = self.layer,
+                            entry = shown,
+                            xattr = name,
+                            "trusted.* xattr in a layer; skipped"
+                        );
+                        continue;
+                    }
                     xattrs.push((name.to_string(), record.value_bytes().to_vec()));
                 } else if key == "mtime" {
                     if let Some(t) = std::str::from_utf8(record.value_bytes())
@@ -322,15 +348,37 @@ impl Extractor<'_> {
                     {
                         mtime = t;
                     }
-                } else if key.starts_with("GNU.sparse.") {
-                    // PAX-format sparse files (GNU tar --format=posix --sparse) would
-                    // be written with their sparse map as content: refuse instead.
-                    return Err(
-                        self.hostile(shown, "PAX-format sparse files are not supported".into())
-                    );
+                } else if let Some(field) = key.strip_prefix("GNU.sparse.") {
+                    let value = record.value_bytes();
+                    match field {
+                        "major" => sparse_version.0 = Some(value.to_vec()),
+                        "minor" => sparse_version.1 = Some(value.to_vec()),
+                        "name" => sparse_name = Some(value.to_vec()),
+                        "realsize" => {
+                            sparse_size = std::str::from_utf8(value)
+                                .ok()
+                                .and_then(|v| v.parse::<u64>().ok())
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
+        let sparse = match (sparse_version, sparse_name, sparse_size) {
+            ((None, None), None, None) => None,
+            ((Some(major), Some(minor)), Some(name), Some(size))
+                if major == b"1" && minor == b"0" =>
+            {
+                Some((name, size))
+            }
+            // Versions 0.0 and 0.1 (sparse maps in PAX records) are not written by
+            // current GNU tar; refuse rather than write the wrong content.
+            _ => {
+                return Err(
+                    self.hostile(shown, "PAX sparse file of a version other than 1.0".into())
+                )
+            }
+        };
         // containerd bounds times below at the epoch.
         if mtime.tv_sec < 0 {
             mtime = Timespec {
@@ -344,6 +392,7 @@ impl Extractor<'_> {
             gid,
             mtime,
             xattrs,
+            sparse,
         })
     }
 
@@ -353,7 +402,6 @@ impl Extractor<'_> {
         parent: BorrowedFd<'_>,
         path: &EntryPath,
         meta: &Meta,
-        kind: EntryType,
     ) -> Result<(), UnpackError> {
         let fd = rfs::openat(
             parent,
@@ -362,13 +410,47 @@ impl Extractor<'_> {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| self.io("create", &path.joined)(e.into()))?;
-        let size = entry.size();
         let mut file = std::fs::File::from(fd);
-        let sparse = kind == EntryType::GNUSparse;
-        let mut written = 0u64;
-        let mut hole = false;
-        loop {
-            let n = match entry.read(&mut self.buffer) {
+        match &meta.sparse {
+            None => {
+                self.copy(entry, &mut file, u64::MAX, path)?;
+            }
+            Some((_, real_size)) => {
+                let shown = String::from_utf8_lossy(&path.joined).into_owned();
+                let map =
+                    read_sparse_map(entry, *real_size).map_err(|r| self.hostile(&shown, r))?;
+                // Holes are skipped, so the file stays sparse (its content is the
+                // same as containerd's, which writes the zeros).
+                for (offset, len) in map {
+                    use std::io::Seek;
+                    file.seek(io::SeekFrom::Start(offset))
+                        .map_err(self.io("write", &path.joined))?;
+                    if self.copy(entry, &mut file, len, path)? != len {
+                        return Err(self.hostile(&shown, "sparse data shorter than its map".into()));
+                    }
+                }
+                file.set_len(*real_size)
+                    .map_err(self.io("write", &path.joined))?;
+            }
+        }
+        let fd = OwnedFd::from(file);
+        self.fd_attributes(fd.as_fd(), path, meta)?;
+        rfs::futimens(&fd, &times(meta.mtime))
+            .map_err(|e| self.io("set times of", &path.joined)(e.into()))
+    }
+
+    /// Copies up to `limit` bytes of the entry into `file`; returns how many.
+    fn copy<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        file: &mut std::fs::File,
+        limit: u64,
+        path: &EntryPath,
+    ) -> Result<u64, UnpackError> {
+        let mut copied = 0u64;
+        while copied < limit {
+            let want = (limit - copied).min(self.buffer.len() as u64) as usize;
+            let n = match entry.read(&mut self.buffer[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -379,29 +461,11 @@ impl Extractor<'_> {
                     })
                 }
             };
-            let chunk = &self.buffer[..n];
-            // A sparse entry's holes arrive as zeros: skip over them instead of
-            // writing them, so the file stays sparse (its content is the same).
-            if sparse && chunk.iter().all(|&b| b == 0) {
-                use std::io::Seek;
-                file.seek(io::SeekFrom::Current(n as i64))
-                    .map_err(self.io("write", &path.joined))?;
-                hole = true;
-            } else {
-                file.write_all(chunk)
-                    .map_err(self.io("write", &path.joined))?;
-                hole = false;
-            }
-            written += n as u64;
-        }
-        if hole || written < size {
-            file.set_len(written.max(size))
+            file.write_all(&self.buffer[..n])
                 .map_err(self.io("write", &path.joined))?;
+            copied += n as u64;
         }
-        let fd = OwnedFd::from(file);
-        self.fd_attributes(fd.as_fd(), path, meta)?;
-        rfs::futimens(&fd, &times(meta.mtime))
-            .map_err(|e| self.io("set times of", &path.joined)(e.into()))
+        Ok(copied)
     }
 
     fn directory(
@@ -590,6 +654,54 @@ impl Extractor<'_> {
     }
 }
 
+/// Reads the map at the start of a PAX 1.0 sparse file's data: decimal numbers,
+/// one per line (the count, then offset and length of each data region), padded
+/// to a 512-byte block. Regions must be in order and inside `real_size`.
+fn read_sparse_map(entry: &mut impl Read, real_size: u64) -> Result<Vec<(u64, u64)>, String> {
+    /// More regions than any real file has; bounds the memory a hostile map takes.
+    const MAX_REGIONS: u64 = 1 << 20;
+    let mut consumed = 0usize;
+    let mut next_number = |entry: &mut dyn Read| -> Result<u64, String> {
+        let mut digits = Vec::new();
+        loop {
+            let mut byte = [0u8];
+            entry
+                .read_exact(&mut byte)
+                .map_err(|e| format!("sparse map: {e}"))?;
+            consumed += 1;
+            match byte[0] {
+                b'\n' => break,
+                b @ b'0'..=b'9' if digits.len() < 20 => digits.push(b),
+                _ => return Err("malformed sparse map".into()),
+            }
+        }
+        std::str::from_utf8(&digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| "malformed sparse map".to_string())
+    };
+    let count = next_number(entry)?;
+    if count > MAX_REGIONS {
+        return Err(format!("sparse map with {count} regions"));
+    }
+    let mut map = Vec::with_capacity(count as usize);
+    let mut end = 0u64;
+    for _ in 0..count {
+        let offset = next_number(entry)?;
+        let len = next_number(entry)?;
+        let region_end = offset
+            .checked_add(len)
+            .filter(|&e| offset >= end && e <= real_size)
+            .ok_or_else(|| "sparse region out of order or beyond the file".to_string())?;
+        end = region_end;
+        map.push((offset, len));
+    }
+    let padding = (512 - consumed % 512) % 512;
+    io::copy(&mut entry.take(padding as u64), &mut io::sink())
+        .map_err(|e| format!("sparse map: {e}"))?;
+    Ok(map)
+}
+
 /// A numeric header field; one left blank (NULs or spaces) reads as 0, as Go's
 /// reader (and so containerd) takes it.
 fn or_blank(parsed: io::Result<u64>, field: &[u8]) -> io::Result<u64> {
@@ -668,11 +780,11 @@ mod tests {
     #[test]
     fn pax_times_keep_nanoseconds() {
         let t = parse_pax_time("1700000000.5").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec as i64), (1_700_000_000, 500_000_000));
+        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 500_000_000));
         let t = parse_pax_time("12").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec as i64), (12, 0));
+        assert_eq!((t.tv_sec, t.tv_nsec), (12, 0));
         let t = parse_pax_time("-1.25").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec as i64), (-2, 750_000_000));
+        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750_000_000));
         assert!(parse_pax_time("1.x").is_none());
     }
 }

@@ -365,7 +365,8 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let victim = outside.path().join("victim");
         std::fs::write(&victim, b"safe").unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>)> = vec![
+        type Build = Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>;
+        let cases: Vec<(&str, Build)> = vec![
             (
                 "dotdot",
                 Box::new(|t| raw(t, tar::EntryType::Regular, b"a/../../x", b"", b"x")),

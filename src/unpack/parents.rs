@@ -46,12 +46,36 @@ pub fn copy_parent_attributes(
             Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
             Err(e) => return Err(e.into()),
         };
+        let mut copied = false;
         for parent in &parent_fds {
             match copy_from(parent.as_fd(), rel, ours.as_fd())? {
-                Found::Copied | Found::NotADirectory => break,
+                Found::Copied => {
+                    copied = true;
+                    break;
+                }
+                Found::NotADirectory => break,
                 Found::Missing => continue,
             }
         }
+        if !copied {
+            inherit_group(root_fd.as_fd(), rel, ours.as_fd())?;
+        }
+    }
+    Ok(())
+}
+
+/// A directory containerd creates inside a set-gid directory gets that directory's
+/// group from the kernel. Here the parent may have received its set-gid bit (from
+/// the parent snapshots) only after the child was made: give the group now.
+fn inherit_group(root: BorrowedFd<'_>, rel: &[u8], ours: BorrowedFd<'_>) -> io::Result<()> {
+    let parent_rel = match rel.iter().rposition(|&b| b == b'/') {
+        Some(at) => &rel[..at],
+        None => b"",
+    };
+    let parent = open_dir_in(root, parent_rel)?;
+    let stat = rfs::fstat(&parent)?;
+    if stat.st_mode & 0o2000 != 0 {
+        rfs::fchown(ours, None, Some(rfs::Gid::from_raw(stat.st_gid)))?;
     }
     Ok(())
 }

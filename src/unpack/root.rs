@@ -115,7 +115,21 @@ impl Root {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
                     match rfs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        // Exactly 0755, whatever the umask, and without the set-gid
+                        // bit a set-gid parent passes on (containerd chmods it too).
+                        Ok(()) => {
+                            let fd = rfs::openat(
+                                &current,
+                                component,
+                                OFlags::RDONLY
+                                    | OFlags::DIRECTORY
+                                    | OFlags::NOFOLLOW
+                                    | OFlags::CLOEXEC,
+                                Mode::empty(),
+                            )?;
+                            rfs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
+                        }
+                        Err(Errno::EXIST) => {}
                         Err(e) => return Err(e.into()),
                     }
                     match open_dir_in(self.fd.as_fd(), prefix) {
