@@ -860,3 +860,66 @@ async fn unpacked_in_house_runs_and_containerds_cri_reuses_the_snapshots() {
     keys_after.retain(|k| !k.starts_with("run-"));
     assert_eq!(keys_before, keys_after);
 }
+
+/// A config whose last diff ID is not its layer's: the pull fails with DataLoss
+/// naming the layer and leaves nothing, with in-house unpacking and with
+/// `Diff.Apply`; the staging directory is empty again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_diff_id_fails_the_pull_with_data_loss_and_leaves_nothing() {
+    use common::fake_registry::FakeRegistry;
+    use common::images::MEDIA_MANIFEST;
+    use common::leftovers::assert_nothing_left;
+    use tonic::Code;
+
+    let fake = FakeRegistry::start();
+    let image = images::busybox().build();
+    fake.serve_image(&image, "unpack/wrong");
+    let host = image.host();
+    let config_bytes = fake.blob(&host.config.digest).expect("config blob");
+    let mut config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array_mut().unwrap();
+    let last = diff_ids.len() - 1;
+    diff_ids[last] = serde_json::json!(Digest::of(b"not the layer").to_string());
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_size = config_bytes.len();
+    let config_digest = fake.put_blob(config_bytes);
+    let manifest_bytes = fake.blob(&host.manifest.digest).expect("manifest blob");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    manifest["config"]["digest"] = serde_json::json!(config_digest);
+    manifest["config"]["size"] = serde_json::json!(config_size);
+    let bad_layer = manifest["layers"][last]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fake.put_manifest(
+        "unpack/wrong",
+        "wrong-diff-id",
+        MEDIA_MANIFEST,
+        serde_json::to_vec(&manifest).unwrap(),
+    );
+    let reference = format!("{}/unpack/wrong:wrong-diff-id", fake.host());
+
+    for mode in ["auto", "containerd"] {
+        let containerd = common::scenario::containerd_without_cri();
+        let daemon = DaemonConfig::new(&containerd)
+            .registries_conf(&fake.insecure_entry())
+            .unpack(mode)
+            .start();
+        let status = common::scenario::pull_fails(
+            &daemon,
+            common::cri::pull_request(&reference, None),
+            Code::DataLoss,
+        )
+        .await;
+        if mode == "auto" {
+            assert!(
+                status.message().contains(&bad_layer),
+                "{mode}: {}",
+                status.message()
+            );
+            let staging = staging_dir(&containerd);
+            assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+        }
+        assert_nothing_left(&containerd, &[], &format!("a wrong diff ID ({mode})"));
+    }
+}

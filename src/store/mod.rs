@@ -130,7 +130,8 @@ pub trait ImageStore: Send + Sync {
     /// Unpacks `layer` on top of `parent` and commits the snapshot named `chain_id`.
     /// `diff_id` is the uncompressed digest the image config promises for this layer:
     /// if the differ computes another one, nothing is committed and the result is
-    /// `DigestMismatch` (a chain ID must never name the wrong content).
+    /// `DigestMismatch` from `Diff.Apply`, `Unpack(DiffIdMismatch)` (naming the layer)
+    /// from in-house unpacking (a chain ID must never name the wrong content).
     /// Returns the digest of the uncompressed layer as the differ computed it.
     async fn apply_layer(
         &self,

@@ -155,39 +155,43 @@ impl LocalUnpack {
             &layer.digest.hex()[..16],
             super::unique_suffix()
         ));
-        std::fs::create_dir(&dir).map_err(|e| StoreError::Local {
-            detail: format!("cannot create staging directory {}: {e}", dir.display()),
-        })?;
-        // From here on, dropping `staged` removes the directory.
-        let mut staged = StagedLayer {
-            dir: Some(dir.clone()),
-            implicit_dirs: Vec::new(),
-            whiteouts: if first {
-                Whiteouts::Delete
-            } else {
-                Whiteouts::Overlay
-            },
-            layer: layer.digest.clone(),
+        let whiteouts = if first {
+            Whiteouts::Delete
+        } else {
+            Whiteouts::Overlay
         };
         let blob = self.blob_path(layer);
-        let options = Options {
-            whiteouts: staged.whiteouts,
-            limits: Limits::default(),
-        };
-        let name = layer.digest.to_string();
+        let digest = layer.digest.clone();
         let diff_id = diff_id.clone();
-        let extracted = tokio::task::spawn_blocking(move || {
+        // Everything in the blocking task, the guard included: if the pull is
+        // cancelled meanwhile, the finished task's output (the guard) is dropped,
+        // which removes the directory.
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir(&dir).map_err(|e| StoreError::Local {
+                detail: format!("cannot create staging directory {}: {e}", dir.display()),
+            })?;
+            let mut staged = StagedLayer {
+                dir: Some(dir.clone()),
+                implicit_dirs: Vec::new(),
+                whiteouts,
+                layer: digest.clone(),
+            };
             let file = std::fs::File::open(&blob).map_err(|e| StoreError::Local {
                 detail: format!("cannot read layer blob {}: {e}", blob.display()),
             })?;
-            unpack::extract_layer(file, &name, &dir, &diff_id, &options).map_err(StoreError::from)
+            let options = Options {
+                whiteouts,
+                limits: Limits::default(),
+            };
+            let extracted =
+                unpack::extract_layer(file, &digest.to_string(), &dir, &diff_id, &options)?;
+            staged.implicit_dirs = extracted.implicit_dirs;
+            Ok(staged)
         })
         .await
         .map_err(|e| StoreError::Local {
             detail: format!("the extraction task failed: {e}"),
-        })??;
-        staged.implicit_dirs = extracted.implicit_dirs;
-        Ok(staged)
+        })?
     }
 
     /// Moves a staged layer into a prepared snapshot: the directory its mounts name.
