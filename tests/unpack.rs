@@ -645,11 +645,18 @@ async fn assert_both_unpack_the_same(p: &Pair, layers: &[Layer], what: &str) {
     }
 }
 
-fn staging_dir(containerd: &Containerd) -> PathBuf {
+/// The staging directory of whoever unpacks in-house: this test process, or the
+/// daemon with PID `pid`.
+fn staging_dir_of(containerd: &Containerd, pid: u32) -> PathBuf {
     containerd
         .root()
         .join("io.containerd.snapshotter.v1.overlayfs")
         .join("cri-imaged-unpack")
+        .join(pid.to_string())
+}
+
+fn staging_dir(containerd: &Containerd) -> PathBuf {
+    staging_dir_of(containerd, std::process::id())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -917,7 +924,7 @@ async fn a_wrong_diff_id_fails_the_pull_with_data_loss_and_leaves_nothing() {
                 "{mode}: {}",
                 status.message()
             );
-            let staging = staging_dir(&containerd);
+            let staging = staging_dir_of(&containerd, daemon.pid());
             assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
         }
         assert_nothing_left(&containerd, &[], &format!("a wrong diff ID ({mode})"));

@@ -90,18 +90,17 @@ impl LocalUnpack {
         };
         let snapshots = root.join("snapshots");
         let blobs = content.join("blobs").join("sha256");
-        let staging = root.join(STAGING_DIR);
+        // One directory per process, so a second daemon on the node (or a restarted
+        // one) never removes what another is staging.
+        let shared = root.join(STAGING_DIR);
+        let staging = shared.join(std::process::id().to_string());
         let usable = (|| {
             let snapshots_meta = std::fs::metadata(&snapshots)
                 .map_err(|e| format!("{}: {e}", snapshots.display()))?;
             if !blobs.is_dir() {
                 return Err(format!("{} is not a directory here", blobs.display()));
             }
-            // Leftovers of a run that died mid-unpack: nobody else uses them.
-            if staging.exists() {
-                std::fs::remove_dir_all(&staging)
-                    .map_err(|e| format!("cannot clear {}: {e}", staging.display()))?;
-            }
+            remove_dead_stagings(&shared);
             std::fs::create_dir_all(&staging)
                 .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
             let staging_meta =
@@ -332,6 +331,25 @@ fn place_tree(
     // rename(2) replaces an empty directory atomically; a non-empty one is refused
     // (ENOTEMPTY), so nothing of the snapshot is ever overwritten.
     std::fs::rename(staged, target).map_err(local("cannot move the staged layer onto", target))
+}
+
+/// Removes the staging directories of processes that are gone (a daemon killed
+/// mid-unpack): named by PID, kept while a process of that PID runs.
+fn remove_dead_stagings(shared: &Path) {
+    let Ok(entries) = std::fs::read_dir(shared) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let alive = name
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            tracing::info!(dir = %entry.path().display(), "removing layers staged by a daemon that is gone");
+            remove_tree(&entry.path());
+        }
+    }
 }
 
 /// Removes a staging tree (never following symlinks: `remove_dir_all` does not).
