@@ -128,7 +128,7 @@ impl ContainerdStore {
     }
 
     /// `Diff.Apply` of `layer` onto `mounts`, checking the diff ID it computes.
-    async fn apply_diff(
+    pub(super) async fn apply_diff(
         &self,
         lease: &Lease,
         mounts: Vec<containerd_client::types::Mount>,

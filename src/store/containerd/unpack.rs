@@ -16,7 +16,10 @@
 //! path we build. Otherwise, and for every other snapshotter: `Diff.Apply`.
 //!
 //! `native` snapshots start as a copy of their parent, so those layers are
-//! extracted straight into the prepared directory (whiteouts delete), in order.
+//! extracted straight into the prepared directory (whiteouts delete), in order,
+//! without staging; containerd 1.6's native snapshotter exports no root, so only
+//! the content directory must be visible, and a layer whose prepared directory is
+//! not goes through `Diff.Apply`.
 
 use super::ContainerdStore;
 use crate::digest::Digest;
@@ -73,6 +76,9 @@ impl LocalUnpack {
                 return Ok(None);
             }
         };
+        if kind == Kind::Native {
+            return Self::discover_native(store, snapshotter).await;
+        }
         let roots = async {
             let snapshots = store.snapshotter_root(snapshotter).await?;
             let content = store
@@ -128,6 +134,40 @@ impl LocalUnpack {
                 Ok(None)
             }
         }
+    }
+
+    /// `native` extracts straight into the directory Prepare names (a copy of the
+    /// parent), so it stages nothing and needs only the content directory (containerd
+    /// 1.6's native snapshotter does not export its root).
+    async fn discover_native(
+        store: &ContainerdStore,
+        snapshotter: &str,
+    ) -> Result<Option<LocalUnpack>, StoreError> {
+        let content = match store
+            .plugin_root(CONTENT_PLUGIN_TYPE, CONTENT_PLUGIN_ID)
+            .await
+        {
+            Ok(root) => PathBuf::from(root),
+            Err(StoreError::NotFound { what }) => {
+                tracing::info!(%what, "layers unpack through containerd's Diff.Apply (containerd does not say where its content lives)");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let blobs = content.join("blobs").join("sha256");
+        if !blobs.is_dir() {
+            tracing::info!(snapshotter, dir = %blobs.display(), "layers unpack through containerd's Diff.Apply (its content directory is not visible here)");
+            return Ok(None);
+        }
+        tracing::info!(
+            snapshotter,
+            "unpacking layers in-house, into each prepared snapshot (Diff.Apply is the fallback)"
+        );
+        Ok(Some(LocalUnpack {
+            kind: Kind::Native,
+            staging: PathBuf::new(),
+            blobs,
+        }))
     }
 
     fn blob_path(&self, layer: &Descriptor) -> PathBuf {
@@ -413,7 +453,13 @@ impl ContainerdStore {
             return Ok(());
         };
         let result = async {
-            local.extract_into(layer, diff_id, &mounts).await?;
+            if snapshot_dirs(&mounts).is_ok() {
+                local.extract_into(layer, diff_id, &mounts).await?;
+            } else {
+                // The prepared directory is not visible from here: containerd applies.
+                tracing::info!(%key, "snapshot directory not visible here; this layer goes through Diff.Apply");
+                self.apply_diff(lease, mounts, layer, diff_id).await?;
+            }
             self.commit_extraction(lease, snapshotter, &key, chain_id)
                 .await
         }
