@@ -3,7 +3,10 @@
 //! asserted). Run as root with `cargo bench --bench pull` (or `scripts/bench.sh`).
 //!
 //! Knobs (environment): `BENCH_ROUNDS` (default 3) rounds per image; `BENCH_MB`
-//! (default 200) size of the random image; `BENCH_LOG_DIR` turns on debug logging in
+//! (default 200) size of the random image and `BENCH_LAYERS` (default 8) its layer
+//! count (the rows: `BENCH_MB=210 BENCH_LAYERS=10`, `BENCH_MB=1024
+//! BENCH_LAYERS=5`); `BENCH_UNPACK` (`auto` by default, or `containerd`) cri-imaged's
+//! `[pull] unpack`; `BENCH_BUSYBOX=0` skips the busybox row; `BENCH_LOG_DIR` turns on debug logging in
 //! containerd and cri-imaged and copies both logs there at the end, to see where the
 //! time goes (debug logging costs a little, so leave it off for the headline numbers);
 //! `BENCH_RECORDS` (default 1000) and `BENCH_READS` (default 1000) for the read RPC
@@ -50,7 +53,7 @@ use tonic::transport::Channel;
 
 const DEFAULT_ROUNDS: usize = 3;
 const DEFAULT_MB: u64 = 200;
-const RANDOM_LAYERS: usize = 8;
+const DEFAULT_LAYERS: u64 = 8;
 /// Bounds waiting for containerd's GC; only a hang guard, never a measurement.
 const CLEANUP_LIMIT: Duration = Duration::from_secs(60);
 
@@ -84,6 +87,8 @@ struct Subject {
     cold_cpu: [Vec<Cpu>; 2],
     /// Which puller went first, per round.
     first: Vec<Puller>,
+    /// cri-imaged's peak resident set (KiB) during each of its cold pulls.
+    peak_rss_kib: Vec<u64>,
 }
 
 struct Bench {
@@ -107,6 +112,9 @@ fn main() {
     }
     let rounds = env_number("BENCH_ROUNDS", DEFAULT_ROUNDS as u64).max(1) as usize;
     let megabytes = env_number("BENCH_MB", DEFAULT_MB).max(1);
+    let layers = env_number("BENCH_LAYERS", DEFAULT_LAYERS).max(1) as usize;
+    let unpack = std::env::var("BENCH_UNPACK").unwrap_or_else(|_| "auto".into());
+    let with_busybox = env_number("BENCH_BUSYBOX", 1) != 0;
     let log_dir = std::env::var_os("BENCH_LOG_DIR").map(std::path::PathBuf::from);
 
     refuse_unpigz();
@@ -128,24 +136,24 @@ fn main() {
         )
     });
     containerd.add_registry(&registry);
-    let mut bench = Bench::start(containerd, &registry, debug);
+    let mut bench = Bench::start(containerd, &registry, debug, &unpack);
 
     // Pushed once; the layouts go as soon as the registry has them.
-    let random = images::random_image(megabytes << 20, RANDOM_LAYERS, "bench");
+    let random = images::random_image(megabytes << 20, layers, "bench");
     let random = random.push(&registry, "bench/random");
     let busybox = images::busybox().tag("bench").build();
     let busybox = busybox.push(&registry, "bench/busybox");
     let only_reads = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "reads");
-    let mut subjects = vec![
-        Subject::new(format!("random {RANDOM_LAYERS} layers"), random),
-        Subject::new("busybox".into(), busybox.clone()),
-    ];
+    let mut subjects = vec![Subject::new(format!("random {layers} layers"), random)];
+    if with_busybox {
+        subjects.push(Subject::new("busybox".into(), busybox.clone()));
+    }
     if only_reads {
         subjects.clear();
     }
 
     println!(
-        "pull benchmark: {} rounds per image, containerd {}, {} CPUs",
+        "pull benchmark: {} rounds per image, containerd {}, {} CPUs, cri-imaged unpack = {unpack:?}",
         rounds,
         containerd_version(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -169,9 +177,13 @@ fn main() {
             for puller in order {
                 bench.remove(&subject.pushed);
                 sync_disks();
+                bench.reset_peak_rss();
                 let before = bench.cpu();
                 let cold = bench.pull(puller, &subject.pushed);
                 let cpu = bench.cpu().since(&before);
+                if puller == Puller::CriImaged {
+                    subject.peak_rss_kib.push(bench.peak_rss_kib());
+                }
                 bench.check_unpacked(&subject.pushed);
                 let warm = bench.pull(puller, &subject.pushed);
                 let i = puller as usize;
@@ -221,6 +233,7 @@ impl Subject {
             warm: [Vec::new(), Vec::new()],
             cold_cpu: [Vec::new(), Vec::new()],
             first: Vec::new(),
+            peak_rss_kib: Vec::new(),
         }
     }
 }
@@ -228,11 +241,12 @@ impl Subject {
 impl Bench {
     /// cri-imaged against `containerd`, allowed to reach `registry` over plain HTTP
     /// (containerd's CRI already is, through its hosts.toml).
-    fn start(containerd: Containerd, registry: &Registry, debug: bool) -> Bench {
+    fn start(containerd: Containerd, registry: &Registry, debug: bool, unpack: &str) -> Bench {
         // Debug for cri-imaged's own phases only: h2/hyper at debug write a line per
         // frame (14,000 per pull here), which slows the daemon and drowns the phases.
         let daemon = DaemonConfig::new(&containerd)
             .registry(registry)
+            .unpack(unpack)
             .env(
                 "RUST_LOG",
                 if debug {
@@ -267,6 +281,26 @@ impl Bench {
             cri_imaged: cpu_seconds(self.daemon.pid()),
             registry: cpu_seconds(self.registry_pid),
         }
+    }
+
+    /// Resets cri-imaged's peak RSS (`VmHWM`) so the next reading covers one pull.
+    fn reset_peak_rss(&self) {
+        let path = format!("/proc/{}/clear_refs", self.daemon.pid());
+        if let Err(e) = std::fs::write(&path, "5") {
+            panic!("writing {path}: {e}");
+        }
+    }
+
+    /// cri-imaged's peak RSS in KiB since the last reset.
+    fn peak_rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.daemon.pid());
+        let status =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no VmHWM"))
     }
 
     /// One PullImage through `puller`'s CRI socket; returns its wall time.
@@ -471,6 +505,18 @@ fn print_report(subjects: &[Subject], rounds: usize) {
                 of(Cpu::total)
             );
         }
+    }
+    println!();
+    println!("cri-imaged peak RSS during a cold pull (MiB): ");
+    for subject in subjects {
+        let max = subject.peak_rss_kib.iter().max().copied().unwrap_or(0);
+        let med = median_f64(subject.peak_rss_kib.iter().map(|&k| k as f64).collect());
+        println!(
+            "  {:<18} median {:.1}, max {:.1}",
+            subject.label,
+            med / 1024.0,
+            max as f64 / 1024.0
+        );
     }
     println!();
     println!("per round (seconds; * = pulled first in that round):");

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks cri-imaged's PullImage against containerd's own CRI PullImage on the
 # same registry in one run and prints the ratio (benches/pull.rs, benches/concurrent.rs). Run as root.
-# Knobs: BENCH_ROUNDS (default 3), BENCH_MB (default 200), BENCH_LOG_DIR (debug logs).
+# Knobs: BENCH_ROUNDS (default 3), BENCH_MB (default 200), BENCH_LAYERS (default 8),
+# BENCH_UNPACK (auto|containerd), BENCH_BUSYBOX=0, BENCH_ONLY=reads, BENCH_LOG_DIR (debug logs).
+# The issue 8 rows: BENCH_MB=210 BENCH_LAYERS=10, and BENCH_MB=1024 BENCH_LAYERS=5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

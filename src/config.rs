@@ -188,6 +188,13 @@ pub struct PullConfig {
     /// (`busybox` is `docker.io/library/busybox:latest`), or globs over the full
     /// reference (`registry.k8s.io/pause:*`).
     pub pinned: Vec<String>,
+    /// How layers are unpacked into containerd's snapshotter: `auto` (in-house for
+    /// `overlayfs` and `native` when containerd's snapshot and content directories
+    /// are visible from this process, each layer extracted while others download;
+    /// containerd's `Diff.Apply` otherwise) or `containerd` (always `Diff.Apply`).
+    pub unpack: UnpackSetting,
+    /// Layers extracted at once per pull when unpacking in-house; 0: one per CPU.
+    pub max_concurrent_unpacks: usize,
     /// Images pulled at start-up, in the background, retried until they are in
     /// (backoff from 1 s to 5 min): the sandbox (pause) image, which containerd would
     /// otherwise pull itself, and whatever the node must have before pods land.
@@ -206,6 +213,27 @@ impl Default for PullConfig {
             min_bytes_per_second: 0,
             pinned: Vec::new(),
             prepull: Vec::new(),
+            unpack: UnpackSetting::Auto,
+            max_concurrent_unpacks: 0,
+        }
+    }
+}
+
+/// `[pull] unpack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpackSetting {
+    #[default]
+    Auto,
+    Containerd,
+}
+
+impl PullConfig {
+    /// `max_concurrent_unpacks` with 0 resolved to the number of CPUs.
+    pub fn unpack_concurrency(&self) -> usize {
+        match self.max_concurrent_unpacks {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
         }
     }
 }
@@ -502,6 +530,8 @@ mod tests {
         assert_eq!(c.pull.progress_timeout, d.pull.progress_timeout);
         assert_eq!(c.pull.min_bytes_per_second, d.pull.min_bytes_per_second);
         assert_eq!(c.pull.pinned, d.pull.pinned);
+        assert_eq!(c.pull.unpack, d.pull.unpack);
+        assert_eq!(c.pull.max_concurrent_unpacks, d.pull.max_concurrent_unpacks);
         assert_eq!(c.log.level, d.log.level);
         assert_eq!(c.log.format, d.log.format);
         assert_eq!(c.metrics.listen, d.metrics.listen);

@@ -21,6 +21,9 @@
 //! - [`auth`]: which credentials to try, in order.
 //! - [`registry`]: the distribution API client (challenge, token, manifest, blobs).
 //! - [`store`]: the `ImageStore` trait and its containerd implementation.
+//! - [`unpack`]: our own layer extractor (decompress, diff-ID hash, safe writes,
+//!   overlay whiteouts), which [`store`] uses instead of containerd's `Diff.Apply`
+//!   for the overlayfs and native snapshotters (`[pull] unpack`).
 //! - [`reference`], [`digest`], [`oci`]: pure data types shared by all of the above;
 //!   [`timestamp`]: RFC 3339 UTC times, as labels, messages and logs write them.
 //! - [`config`]: the daemon's TOML configuration.
@@ -61,6 +64,7 @@ pub mod signature;
 pub mod store;
 pub mod timestamp;
 pub mod trust_policy;
+pub mod unpack;
 
 /// Generated CRI v1 types and service stubs (`proto/runtime/v1/api.proto`).
 pub mod proto {

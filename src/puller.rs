@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+mod stage;
 mod warm;
 
 /// Manifests and configs above this size are refused.
@@ -51,6 +52,8 @@ pub struct PullSettings {
     pub snapshotter: String,
     pub platform: PlatformSpec,
     pub max_concurrent_downloads: usize,
+    /// Layers extracted at once per pull when the store unpacks in-house.
+    pub max_concurrent_unpacks: usize,
     /// Pulls running at once on the node (others wait in arrival order); 0: no limit.
     pub max_concurrent_pulls: usize,
     pub lease_expiry: Duration,
@@ -944,14 +947,42 @@ impl Inner {
         }
         let chain_ids = config.chain_ids();
 
-        // Layers download in parallel tasks; unpacking follows in order as each lands.
+        // Layers download in parallel tasks. Each is staged (extracted in-house) as
+        // soon as it lands, several at once; then committed in layer order.
         let mut downloads =
             self.spawn_downloads(at, lease, &manifest.layers, diff_ids, &source_label);
+        let jobs = downloads
+            .take_results()
+            .into_iter()
+            .enumerate()
+            .map(|(i, downloaded)| stage::Job {
+                layer: manifest.layers[i].clone(),
+                diff_id: diff_ids[i].clone(),
+                chain_id: chain_ids[i].clone(),
+                downloaded,
+            })
+            .collect();
+        let mut staging = stage::Staging::spawn(
+            &self.store,
+            &self.settings.snapshotter,
+            jobs,
+            self.settings.max_concurrent_unpacks,
+        );
         let mut parent: Option<&Digest> = None;
         for i in 0..manifest.layers.len() {
-            downloads
-                .wait(i, at.image, &at.source.endpoint.host)
-                .await?;
+            let staged = staging.take(i).await.map_err(|e| match e {
+                stage::StageError::Download(e) => {
+                    e.into_pull_error(at.image, &at.source.endpoint.host)
+                }
+                stage::StageError::Store(source) => PullError::Store {
+                    image: at.image.to_string(),
+                    source,
+                },
+                stage::StageError::Lost => PullError::Task {
+                    image: at.image.to_string(),
+                    detail: format!("the download or unpack of layer {i} ended without a result"),
+                },
+            })?;
             let layer = &manifest.layers[i];
             let unpack_started = Instant::now();
             let chain_id = &chain_ids[i];
@@ -971,25 +1002,44 @@ impl Inner {
                 )
                 .await?;
             if !exists {
-                // The store checks the unpacked digest against the config's diff ID
-                // and commits nothing on a mismatch.
-                self.store_call(
-                    at,
-                    self.store.apply_layer(
-                        lease,
-                        &self.settings.snapshotter,
-                        layer,
-                        &diff_ids[i],
-                        parent,
-                        chain_id,
-                    ),
-                )
-                .await?;
+                match staged {
+                    // Staged and diff-ID-checked already: Prepare, move in, Commit.
+                    stage::Staged::Ready(staged) => {
+                        self.store_call(
+                            at,
+                            self.store.commit_staged(
+                                lease,
+                                &self.settings.snapshotter,
+                                staged,
+                                parent,
+                                chain_id,
+                            ),
+                        )
+                        .await?;
+                    }
+                    // The store checks the unpacked digest against the config's diff
+                    // ID and commits nothing on a mismatch.
+                    stage::Staged::Present | stage::Staged::Unsupported => {
+                        self.store_call(
+                            at,
+                            self.store.apply_layer(
+                                lease,
+                                &self.settings.snapshotter,
+                                layer,
+                                &diff_ids[i],
+                                parent,
+                                chain_id,
+                            ),
+                        )
+                        .await?;
+                    }
+                }
                 tracing::debug!(layer = i, digest = %layer.digest, elapsed_ms = unpack_started.elapsed().as_millis() as u64, "layer unpacked");
             }
             at.progress.layer_unpacked();
             parent = Some(chain_id);
         }
+        drop(downloads);
 
         // GC references: config → top snapshot; manifest → config and layers; index → manifests.
         if let Some(top) = chain_ids.last() {
@@ -1399,16 +1449,10 @@ struct Downloads {
 }
 
 impl Downloads {
-    /// Waits for layer `i` (each layer once, in any order).
-    async fn wait(&mut self, i: usize, image: &Reference, host: &str) -> Result<(), PullError> {
-        match (&mut self.results[i]).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into_pull_error(image, host)),
-            Err(_) => Err(PullError::Task {
-                image: image.to_string(),
-                detail: format!("the download of layer {i} ended without a result"),
-            }),
-        }
+    /// Each layer's result channel, in manifest order (the downloads keep running
+    /// until this is dropped).
+    fn take_results(&mut self) -> Vec<oneshot::Receiver<Result<(), BlobError>>> {
+        std::mem::take(&mut self.results)
     }
 }
 
@@ -1555,6 +1599,7 @@ mod tests {
             snapshotter: "overlayfs".into(),
             platform: PlatformSpec::host(),
             max_concurrent_downloads: 1,
+            max_concurrent_unpacks: 1,
             max_concurrent_pulls: 0,
             lease_expiry: Duration::from_secs(60),
             pinned: vec!["busybox".into(), "registry.k8s.io/pause:*".into()],

@@ -8,6 +8,7 @@ use crate::puller::PullError;
 use crate::reference::ReferenceError;
 use crate::registry::RegistryError;
 use crate::store::{FsUsage, StoreError};
+use crate::unpack::UnpackError;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -144,6 +145,11 @@ fn store_code(e: &StoreError) -> Code {
         | StoreError::TooLarge { .. }
         | StoreError::Grpc { .. }
         | StoreError::Malformed { .. } => Code::Internal,
+        StoreError::Unpack(e) => match e {
+            UnpackError::DiffIdMismatch { .. } => Code::DataLoss,
+            UnpackError::Hostile { .. } | UnpackError::Corrupt { .. } => Code::InvalidArgument,
+            UnpackError::Io { .. } => Code::Internal,
+        },
     }
 }
 

@@ -8,7 +8,7 @@ use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{
     ContentInfo, ContentWriter, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels,
-    Lease, StoreError,
+    Lease, StagedLayer, StoreError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -56,6 +56,7 @@ fn error_kind(e: &StoreError) -> Option<&'static str> {
         StoreError::InvalidArgument { .. } => "invalid_argument",
         StoreError::Local { .. } => "local",
         StoreError::Malformed { .. } => "malformed",
+        StoreError::Unpack(_) => "unpack",
     })
 }
 
@@ -157,6 +158,35 @@ impl ImageStore for MeteredStore {
             .apply_layer(lease, snapshotter, layer, diff_id, parent, chain_id)
             .await;
         self.count("apply_layer", result)
+    }
+
+    async fn stage_layer(
+        &self,
+        snapshotter: &str,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        first: bool,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        let result = self
+            .inner
+            .stage_layer(snapshotter, layer, diff_id, first)
+            .await;
+        self.count("stage_layer", result)
+    }
+
+    async fn commit_staged(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        staged: StagedLayer,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .inner
+            .commit_staged(lease, snapshotter, staged, parent, chain_id)
+            .await;
+        self.count("commit_staged", result)
     }
 
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {

@@ -14,7 +14,7 @@ use crate::auth::files::FileSettings;
 use crate::auth::provider::{ProviderError, Providers};
 use crate::auth::{Keyring, KeyringSettings, ProviderSource};
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, UnpackSetting};
 use crate::cri::ImageServiceImpl;
 use crate::image_index::{ImageIndex, IndexedStore};
 use crate::metrics::store::MeteredStore;
@@ -25,7 +25,7 @@ use crate::puller::{PullSettings, Puller};
 use crate::registry::proxy::ProxyError;
 use crate::registry::{ClientSettings, ProxySettings, RegistryClient, RegistryError};
 use crate::reload::Reloading;
-use crate::store::{ContainerdStore, ImageStore, StoreError};
+use crate::store::{ContainerdStore, ImageStore, StoreError, UnpackMode};
 use crate::trust_policy::{TrustPolicy, TrustPolicyError};
 use h2_edge::H2Edge;
 use std::future::Future;
@@ -98,7 +98,11 @@ pub fn build_service(
     let address = config.containerd.address.to_string_lossy().into_owned();
     let containerd: Arc<dyn ImageStore> = Arc::new(
         ContainerdStore::connect(&address, &config.containerd.namespace)?
-            .with_direct_content(config.containerd.direct_content),
+            .with_direct_content(config.containerd.direct_content)
+            .with_unpack(match config.pull.unpack {
+                UnpackSetting::Auto => UnpackMode::Auto,
+                UnpackSetting::Containerd => UnpackMode::Containerd,
+            }),
     );
     let store: Arc<dyn ImageStore> = Arc::new(MeteredStore::new(containerd, metrics.clone()));
     // Our own record writes reach the index as soon as containerd accepted them.
@@ -134,6 +138,7 @@ pub fn build_service(
         snapshotter: config.containerd.snapshotter.clone(),
         platform: platform.clone(),
         max_concurrent_downloads: config.pull.max_concurrent_downloads,
+        max_concurrent_unpacks: config.pull.unpack_concurrency(),
         max_concurrent_pulls: config.pull.max_concurrent_pulls,
         pinned: config.pull.pinned.clone(),
         lease_expiry: Duration::from_secs(config.pull.lease_expiry_seconds),

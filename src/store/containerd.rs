@@ -7,7 +7,8 @@
 //!
 //! - `content`: blob info, labels, resumable ingests, small reads.
 //! - `direct`: blobs written straight into containerd's content directory.
-//! - `snapshots`: unpacking layers and the snapshotter's disk usage.
+//! - `snapshots`: unpacking layers with `Diff.Apply` and the snapshotter's disk usage.
+//! - `unpack`: unpacking layers in-house into overlayfs/native snapshots.
 //! - `images`: image records.
 //! - `events`: the image records' changes, from containerd's event stream.
 
@@ -16,12 +17,23 @@ mod direct;
 mod events;
 mod images;
 mod snapshots;
+mod unpack;
 
 use direct::DirectContent;
+use unpack::LocalUnpack;
+pub use unpack::UnpackMode;
+
+/// In-house unpacking found usable for one snapshotter (its name), if any.
+type FoundUnpack = Option<(String, Arc<LocalUnpack>)>;
+
+/// Removes a staging tree left by an unused [`crate::store::StagedLayer`].
+pub(crate) fn remove_staged_tree(dir: &std::path::Path) {
+    unpack::remove_tree(dir)
+}
 
 use super::{
-    ContentInfo, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError,
-    LABEL_GC_EXPIRE,
+    ContentInfo, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, Lease, StagedLayer,
+    StoreError, LABEL_GC_EXPIRE,
 };
 use crate::digest::Digest;
 use crate::oci::Descriptor;
@@ -56,6 +68,9 @@ pub struct ContainerdStore {
     direct: Arc<tokio::sync::OnceCell<Option<Arc<DirectContent>>>>,
     /// Set once the leases of dead processes were let go (before our first lease).
     stale_leases_cleared: Arc<tokio::sync::OnceCell<()>>,
+    unpack_mode: UnpackMode,
+    /// In-house unpacking for the (one) snapshotter asked, once looked into.
+    local_unpack: Arc<tokio::sync::OnceCell<FoundUnpack>>,
 }
 
 impl std::fmt::Debug for ContainerdStore {
@@ -93,7 +108,15 @@ impl ContainerdStore {
             direct_content: true,
             direct: Arc::new(tokio::sync::OnceCell::new()),
             stale_leases_cleared: Arc::new(tokio::sync::OnceCell::new()),
+            unpack_mode: UnpackMode::Auto,
+            local_unpack: Arc::new(tokio::sync::OnceCell::new()),
         })
+    }
+
+    /// How layers are unpacked (`[pull] unpack`; default: in-house when possible).
+    pub fn with_unpack(mut self, mode: UnpackMode) -> Self {
+        self.unpack_mode = mode;
+        self
     }
 
     /// Whether blobs may be written straight into containerd's content directory
@@ -429,8 +452,52 @@ impl ImageStore for ContainerdStore {
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<Digest, StoreError> {
-        self.unpack_layer(lease, snapshotter, layer, diff_id, parent, chain_id)
-            .await
+        match self.local_unpack(snapshotter).await? {
+            Some(local) => {
+                self.unpack_in_house(&local, lease, snapshotter, layer, diff_id, parent, chain_id)
+                    .await?;
+                Ok(diff_id.clone())
+            }
+            None => {
+                self.unpack_layer(lease, snapshotter, layer, diff_id, parent, chain_id)
+                    .await
+            }
+        }
+    }
+
+    async fn stage_layer(
+        &self,
+        snapshotter: &str,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        first: bool,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        match self.local_unpack(snapshotter).await? {
+            Some(local) if local.stages() => Ok(Some(local.stage(layer, diff_id, first).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn commit_staged(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        staged: StagedLayer,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        match self.local_unpack(snapshotter).await? {
+            Some(local) => {
+                self.commit_staged_layer(&local, lease, snapshotter, staged, parent, chain_id)
+                    .await
+            }
+            None => Err(StoreError::Local {
+                detail: format!(
+                    "cannot commit the staged layer {}: in-house unpacking is off",
+                    staged.layer
+                ),
+            }),
+        }
     }
 
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {

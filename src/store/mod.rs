@@ -15,7 +15,7 @@ use std::time::Duration;
 pub mod containerd;
 pub mod memory;
 
-pub use self::containerd::ContainerdStore;
+pub use self::containerd::{ContainerdStore, UnpackMode};
 pub use self::memory::MemoryStore;
 
 pub type Labels = BTreeMap<String, String>;
@@ -149,7 +149,8 @@ pub trait ImageStore: Send + Sync {
     /// Unpacks `layer` on top of `parent` and commits the snapshot named `chain_id`.
     /// `diff_id` is the uncompressed digest the image config promises for this layer:
     /// if the differ computes another one, nothing is committed and the result is
-    /// `DigestMismatch` (a chain ID must never name the wrong content).
+    /// `DigestMismatch` from `Diff.Apply`, `Unpack(DiffIdMismatch)` (naming the layer)
+    /// from in-house unpacking (a chain ID must never name the wrong content).
     /// Returns the digest of the uncompressed layer as the differ computed it.
     async fn apply_layer(
         &self,
@@ -160,6 +161,36 @@ pub trait ImageStore: Send + Sync {
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<Digest, StoreError>;
+
+    /// In-house unpacking, first half: extracts `layer` (already in the content
+    /// store) into a staging directory beside `snapshotter`'s snapshots and checks
+    /// its diff ID, without touching any snapshot, so layers can be staged in
+    /// parallel and ahead of their parents. `first`: the layer has no parent.
+    /// `Ok(None)`: this store does not stage for `snapshotter` (use `apply_layer`).
+    async fn stage_layer(
+        &self,
+        _snapshotter: &str,
+        _layer: &Descriptor,
+        _diff_id: &Digest,
+        _first: bool,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        Ok(None)
+    }
+    /// In-house unpacking, second half, in layer order: prepares the snapshot on
+    /// `parent`, moves the staged tree into it and commits it as `chain_id`. On
+    /// failure nothing is committed and the prepared snapshot is removed.
+    async fn commit_staged(
+        &self,
+        _lease: &Lease,
+        _snapshotter: &str,
+        staged: StagedLayer,
+        _parent: Option<&Digest>,
+        _chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Local {
+            detail: format!("this store cannot commit the staged layer {}", staged.layer),
+        })
+    }
 
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError>;
     async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
@@ -174,6 +205,25 @@ pub trait ImageStore: Send + Sync {
     async fn image_events(&self) -> Result<ImageEvents, StoreError>;
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError>;
+}
+
+/// A layer extracted into a staging directory, not yet a snapshot
+/// ([`ImageStore::stage_layer`]). Dropped unused, its directory is removed.
+#[derive(Debug)]
+pub struct StagedLayer {
+    pub(crate) dir: Option<std::path::PathBuf>,
+    pub(crate) implicit_dirs: Vec<std::path::PathBuf>,
+    pub(crate) whiteouts: crate::unpack::Whiteouts,
+    /// The layer blob's digest.
+    pub layer: Digest,
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            containerd::remove_staged_tree(&dir);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,4 +252,7 @@ pub enum StoreError {
     Local { detail: String },
     #[error("containerd returned a malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
+    /// In-house unpacking refused or failed on a layer.
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
 }

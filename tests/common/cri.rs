@@ -94,6 +94,9 @@ pub struct DaemonConfig {
     /// Lines added to `[credentials]`.
     credentials_toml: String,
     extra_toml: String,
+    /// `[pull] unpack`; None: the daemon's default, unless the suite is run with
+    /// `CRI_IMAGED_TEST_UNPACK=containerd` (to run every test on the fallback path).
+    unpack: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -121,6 +124,7 @@ impl DaemonConfig {
             secrets: Vec::new(),
             credentials_toml: String::new(),
             extra_toml: String::new(),
+            unpack: std::env::var("CRI_IMAGED_TEST_UNPACK").ok(),
             args: Vec::new(),
             env: Vec::new(),
         }
@@ -265,6 +269,12 @@ impl DaemonConfig {
     }
 
     /// Appended verbatim to the daemon's TOML config.
+    /// `[pull] unpack` (`"auto"` or `"containerd"`).
+    pub fn unpack(mut self, mode: &str) -> DaemonConfig {
+        self.unpack = Some(mode.to_owned());
+        self
+    }
+
     pub fn extra_toml(mut self, toml: &str) -> DaemonConfig {
         self.extra_toml.push_str(toml);
         self.extra_toml.push('\n');
@@ -476,6 +486,14 @@ impl DaemonConfig {
             text.push_str(&format!("\n[pull]\nplatform = \"{platform}\"\n"));
         }
         text.push_str(&self.extra_toml);
+        if let Some(mode) = &self.unpack {
+            // Into the one `[pull]` table, wherever a test's own text opened it.
+            let line = format!("unpack = \"{mode}\"\n");
+            match text.find("[pull]\n") {
+                Some(at) => text.insert_str(at + "[pull]\n".len(), &line),
+                None => text.push_str(&format!("\n[pull]\n{line}")),
+            }
+        }
         text
     }
 }

@@ -64,6 +64,35 @@ impl ContainerdStore {
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<Digest, StoreError> {
+        let Some((key, mounts)) = self
+            .prepare_extraction(lease, snapshotter, parent, chain_id)
+            .await?
+        else {
+            return Ok(diff_id.clone());
+        };
+        let result = async {
+            self.apply_diff(lease, mounts, layer, diff_id).await?;
+            self.commit_extraction(lease, snapshotter, &key, chain_id)
+                .await
+        }
+        .await;
+        if let Err(error) = &result {
+            tracing::debug!(%key, %error, "unpack failed; removing the extraction snapshot");
+            self.remove_snapshot(snapshotter, &key).await;
+        }
+        result.map(|()| diff_id.clone())
+    }
+
+    /// Prepares the active snapshot a layer is extracted into, labelled with the
+    /// chain ID it will be committed as. Returns its key and mounts, or `None` when
+    /// that chain ID is committed already (another pull won the race).
+    pub(super) async fn prepare_extraction(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<Option<(String, Vec<containerd_client::types::Mount>)>, StoreError> {
         // The same key form containerd's unpacker uses, so tools recognise it.
         let key = format!("extract-{} {chain_id}", unique_suffix());
         let request = self.request(
@@ -75,8 +104,8 @@ impl ContainerdStore {
             },
             Some(lease),
         )?;
-        let mounts = match self.snapshots().prepare(request).await {
-            Ok(response) => response.into_inner().mounts,
+        match self.snapshots().prepare(request).await {
+            Ok(response) => Ok(Some((key, response.into_inner().mounts))),
             // With the snapshot.ref label, containerd answers `target snapshot
             // "<chain id>": already exists` when that chain ID is committed already
             // (another pull won). Whoever committed it checked the same diff ID.
@@ -87,39 +116,25 @@ impl ContainerdStore {
                         .await? =>
             {
                 tracing::debug!(%chain_id, "snapshot already unpacked");
-                return Ok(diff_id.clone());
+                Ok(None)
             }
-            Err(status) => {
-                return Err(
-                    self.status_error("Snapshots.Prepare", status, || match parent {
-                        Some(parent) => format!("parent snapshot {parent}"),
-                        None => format!("snapshotter {snapshotter}"),
-                    }),
-                )
-            }
-        };
-
-        let result = self
-            .apply_and_commit(lease, snapshotter, &key, mounts, layer, diff_id, chain_id)
-            .await;
-        if let Err(error) = &result {
-            tracing::debug!(%key, %error, "unpack failed; removing the extraction snapshot");
-            self.remove_snapshot(snapshotter, &key).await;
+            Err(status) => Err(
+                self.status_error("Snapshots.Prepare", status, || match parent {
+                    Some(parent) => format!("parent snapshot {parent}"),
+                    None => format!("snapshotter {snapshotter}"),
+                }),
+            ),
         }
-        result
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn apply_and_commit(
+    /// `Diff.Apply` of `layer` onto `mounts`, checking the diff ID it computes.
+    pub(super) async fn apply_diff(
         &self,
         lease: &Lease,
-        snapshotter: &str,
-        key: &str,
         mounts: Vec<containerd_client::types::Mount>,
         layer: &Descriptor,
         diff_id: &Digest,
-        chain_id: &Digest,
-    ) -> Result<Digest, StoreError> {
+    ) -> Result<(), StoreError> {
         let request = self.request(
             ApplyRequest {
                 diff: Some(to_proto_descriptor(layer)),
@@ -154,7 +169,18 @@ impl ContainerdStore {
                 actual: applied.to_string(),
             });
         }
+        Ok(())
+    }
 
+    /// Commits the extraction snapshot `key` as `chain_id`. Another pull having
+    /// committed that chain ID first is success (ours is removed).
+    pub(super) async fn commit_extraction(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        key: &str,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError> {
         let request = self.request(
             CommitSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
@@ -165,12 +191,12 @@ impl ContainerdStore {
             Some(lease),
         )?;
         match self.snapshots().commit(request).await {
-            Ok(_) => Ok(applied),
+            Ok(_) => Ok(()),
             Err(status) if status.code() == Code::AlreadyExists => {
                 // Another pull committed this chain ID first; ours is redundant.
                 tracing::debug!(%chain_id, "snapshot already committed by another unpack");
                 self.remove_snapshot(snapshotter, key).await;
-                Ok(applied)
+                Ok(())
             }
             Err(status) => Err(self.status_error("Snapshots.Commit", status, || {
                 format!("extraction snapshot {key}")
@@ -180,7 +206,7 @@ impl ContainerdStore {
 
     /// Best-effort removal of an extraction snapshot; the lease's expiry cleans up
     /// whatever this misses.
-    async fn remove_snapshot(&self, snapshotter: &str, key: &str) {
+    pub(super) async fn remove_snapshot(&self, snapshotter: &str, key: &str) {
         let request = match self.request(
             RemoveSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
@@ -280,7 +306,7 @@ impl ContainerdStore {
     }
 
     /// The snapshotter plugin's root directory, from its introspection exports.
-    async fn snapshotter_root(&self, snapshotter: &str) -> Result<String, StoreError> {
+    pub(super) async fn snapshotter_root(&self, snapshotter: &str) -> Result<String, StoreError> {
         self.plugin_root(SNAPSHOTTER_PLUGIN_TYPE, snapshotter).await
     }
 
