@@ -137,6 +137,19 @@ async fn after_containerd_restarts_the_index_lists_again_and_follows() {
     let id = pull_ok(&daemon, &pushed.reference, None).await;
     assert_eq!(tags_of(&daemon, &id).await, [pushed.reference.as_str()]);
 
+    // In step before the restart (the first read started the index; its stream may
+    // still be subscribing), so that the count below is of lists after it.
+    let started = Instant::now();
+    while !daemon.log().contains(IN_STEP) {
+        assert!(
+            started.elapsed() < FOLLOW_LIMIT,
+            "the index never got in step:\n{}",
+            daemon.log()
+        );
+        list(&daemon).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The daemon's event stream breaks; a tag made as soon as containerd is back may
     // come before the daemon subscribes again, so only the new list can show it.
     containerd.restart();
