@@ -10,7 +10,11 @@
 //! containerd and cri-imaged and copies both logs there at the end, to see where the
 //! time goes (debug logging costs a little, so leave it off for the headline numbers);
 //! `BENCH_RECORDS` (default 1000) and `BENCH_READS` (default 1000) for the read RPC
-//! rows (see `support/reads.rs`); `BENCH_ONLY=reads` skips the pull rows.
+//! rows (see `support/reads.rs`); `BENCH_ONLY=reads` skips the pull rows;
+//! `BENCH_TREE` (directories of this machine, `:`-separated, e.g.
+//! `/usr/include:/usr/bin:/usr/share/locale`) adds a file-heavy image of one layer
+//! per directory, and with it puts containerd's root on a journaled loop-mounted ext4
+//! of `BENCH_ROOT_MIB` (default 16384) MiB.
 //!
 //! After the pulls: ListImages and ImageStatus p50/p99 over `BENCH_RECORDS` image
 //! records, both servers over their unix sockets, calls alternating.
@@ -26,12 +30,12 @@
 //!   in this process, for a cold pull (nothing present) and then a warm one (image
 //!   present: both re-resolve the manifest and find everything stored).
 //!
-//! containerd's root stays on the machine's ext4. On these machines that filesystem
-//! has no journal, and creating many files right after deleting many gets slower each
-//! round; a loop over a file-heavy image would have to put containerd's root on a
-//! journaled loop filesystem. The images here are a few big files (the random image
-//! has about 50 files of 4 MiB, busybox about 15), so the effect is negligible, and
-//! the alternating order would spread it over both pullers anyway.
+//! Without `BENCH_TREE`, containerd's root stays on the machine's ext4. On these
+//! machines that filesystem has no journal, and creating many files right after
+//! deleting many gets slower each round; the random and busybox images are a few big
+//! files (about 50 of 4 MiB, and 15), so the effect is negligible there, and the
+//! alternating order spreads it over both pullers anyway. A file-heavy image is
+//! only fair on the journaled loop filesystem `BENCH_TREE` sets up.
 #![forbid(unsafe_code)]
 
 #[path = "../tests/common/mod.rs"]
@@ -43,6 +47,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::bench::{env_number, median, median_f64, sync_disks};
 use common::containerd::{Containerd, ContainerdOptions};
 use common::cpu_seconds;
 use common::cri::{self, proto, DaemonConfig};
@@ -116,12 +121,24 @@ fn main() {
     let unpack = std::env::var("BENCH_UNPACK").unwrap_or_else(|_| "auto".into());
     let with_busybox = env_number("BENCH_BUSYBOX", 1) != 0;
     let log_dir = std::env::var_os("BENCH_LOG_DIR").map(std::path::PathBuf::from);
+    let tree: Vec<std::path::PathBuf> = std::env::var("BENCH_TREE")
+        .map(|dirs| {
+            dirs.split(':')
+                .filter(|d| !d.is_empty())
+                .map(std::path::PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let root_mib = env_number("BENCH_ROOT_MIB", 16384);
 
     refuse_unpigz();
     let debug = log_dir.is_some();
     let (containerd, registry) = std::thread::scope(|s| {
         let containerd = s.spawn(|| {
             let mut options = ContainerdOptions::default();
+            if !tree.is_empty() {
+                options.journaled_root_mib = Some(root_mib);
+            }
             if debug {
                 options
                     .extra_toml
@@ -147,6 +164,16 @@ fn main() {
     let mut subjects = vec![Subject::new(format!("random {layers} layers"), random)];
     if with_busybox {
         subjects.push(Subject::new("busybox".into(), busybox.clone()));
+    }
+    if !tree.is_empty() {
+        let dirs: Vec<&Path> = tree.iter().map(|d| d.as_path()).collect();
+        let built = Instant::now();
+        let image = images::host_tree_image(&dirs, "bench").push(&registry, "bench/tree");
+        eprintln!(
+            "built and pushed the tree image in {:.0} s",
+            built.elapsed().as_secs_f64()
+        );
+        subjects.push(Subject::new(format!("tree {} layers", dirs.len()), image));
     }
     if only_reads {
         subjects.clear();
@@ -543,30 +570,6 @@ fn print_report(subjects: &[Subject], rounds: usize) {
     }
 }
 
-/// The median in seconds (the mean of the middle two for an even count).
-fn median(times: &[Duration]) -> f64 {
-    median_f64(times.iter().map(Duration::as_secs_f64).collect())
-}
-
-fn median_f64(mut secs: Vec<f64>) -> f64 {
-    secs.sort_by(f64::total_cmp);
-    match secs.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => secs[n / 2],
-        n => (secs[n / 2 - 1] + secs[n / 2]) / 2.0,
-    }
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={value:?} is not a number: {e}")),
-        Err(_) => default,
-    }
-}
-
 /// containerd 1.6 unpacks with `unpigz` when it finds one on PATH, which makes its
 /// pull of big layers markedly slower here: the baseline would not be containerd's
 /// usual self.
@@ -590,11 +593,6 @@ fn containerd_version() -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "(unknown version)".into())
-}
-
-/// Flushes dirty pages (the previous pull's blobs and files) before a timed pull.
-fn sync_disks() {
-    common::must(common::run(&mut Command::new("sync")));
 }
 
 /// CPU seconds (user + system) of the processes involved in a pull.
