@@ -399,6 +399,7 @@ async fn a_missing_socket_is_unavailable_naming_the_address() {
 /// is recorded with its labels under the lease; no staged file is left behind.
 #[tokio::test]
 async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
+    capture_log();
     let containerd = start_containerd();
     let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
     let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
@@ -427,16 +428,6 @@ async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
         .write(Bytes::copy_from_slice(&data[half..]))
         .await
         .unwrap();
-    second.sync().await.unwrap();
-    let staged_inode = {
-        use std::os::unix::fs::MetadataExt as _;
-        let entry = std::fs::read_dir(&staged)
-            .unwrap()
-            .next()
-            .expect("the staged file")
-            .unwrap();
-        entry.metadata().unwrap().ino()
-    };
     let labels = Labels::from([("example.com/label".to_string(), "yes".to_string())]);
     second.commit(labels).await.unwrap();
 
@@ -458,14 +449,16 @@ async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
     );
     assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
     assert!(containerd.ctr_ok(&["content", "active"]).lines().count() <= 1);
-    // containerd took the linked file as the blob: the same inode, so no byte went
-    // through its API. (Not told by our log lines: under load, tracing's callsite
-    // cache may miss this test's thread-local subscriber.)
-    {
-        use std::os::unix::fs::MetadataExt as _;
-        let blob_inode = std::fs::metadata(&on_disk).unwrap().ino();
-        assert_eq!(blob_inode, staged_inode, "containerd rewrote the blob");
-    }
+    // containerd took the linked file as the blob: no byte went through its API.
+    let log = captured_log();
+    assert!(
+        log.contains(&format!(
+            "writing blobs straight into containerd's content directory root={}",
+            content.display()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("streaming it reference=direct-blob"), "{log}");
 
     // Wrong bytes never reach blobs/: DigestMismatch, and nothing staged remains.
     let promised = blob(b"the real thing", "application/octet-stream");
@@ -491,20 +484,12 @@ async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
 /// present in a namespace: the staged file is then streamed through Content.Write.
 #[tokio::test]
 async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
+    capture_log();
     let containerd = Containerd::start_with(ContainerdOptions {
         cri: false,
         extra_toml: "[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n".into(),
         ..ContainerdOptions::default()
     });
-    // The store's debug log tells which way the blob went (current-thread runtime:
-    // the thread-local subscriber sees every event of this test).
-    let captured = Captured::default();
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_env_filter("cri_imaged=debug")
-            .with_writer(captured.clone())
-            .finish(),
-    );
     let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
     let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
     let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 249) as u8).collect();
@@ -513,26 +498,55 @@ async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
     writer.write(Bytes::copy_from_slice(&data)).await.unwrap();
     writer.commit(Labels::new()).await.unwrap();
     assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
-    let log = captured.text();
+    let log = captured_log();
+    let content = containerd.root().join("io.containerd.content.v1.content");
     assert!(
-        log.contains("writing blobs straight into containerd"),
+        log.contains(&format!(
+            "writing blobs straight into containerd's content directory root={}",
+            content.display()
+        )),
         "{log}"
     );
     assert!(
-        log.contains("did not take the blob from disk; streaming it"),
+        log.contains("did not take the blob from disk; streaming it reference=isolated-blob"),
         "{log}"
     );
 }
 
-/// A `MakeWriter` collecting log output in memory.
-#[derive(Clone, Default)]
+/// Everything this test binary's daemon code logged at debug, all tests together.
+/// One global subscriber, set before any test logs: a thread-local one per test
+/// (`set_default`) misses events now and then when tests run in parallel (tracing
+/// caches a callsite's interest across dispatchers). Tests find their own lines by
+/// their unique paths and references.
+fn captured_log() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+fn log_buffer() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    static BUFFER: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Captured(buffer.clone());
+        let _ = tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_env_filter("cri_imaged=debug")
+                .with_ansi(false)
+                .with_writer(writer)
+                .finish(),
+        );
+        buffer
+    })
+}
+
+/// Starts capturing the daemon code's log (see [`captured_log`]) before the test's
+/// first event.
+fn capture_log() {
+    log_buffer();
+}
+
+#[derive(Clone)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
