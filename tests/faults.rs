@@ -431,9 +431,7 @@ async fn client_giving_up_mid_pull_leaves_the_daemon_serving() {
         stall_blobs: vec![(layer.clone(), 16 * 1024)],
         ..Default::default()
     });
-    let mut client = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let pulling = spawn_pull(&daemon, &reference).await;
     let started = fake
         .wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
         .await;
@@ -474,9 +472,7 @@ async fn a_pull_whose_only_caller_went_away_stops_downloading_and_releases_its_l
         trickle_blobs: vec![(layer.clone(), 64 << 10)],
         ..Default::default()
     });
-    let mut client = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let pulling = spawn_pull(&daemon, &reference).await;
     // Until the daemon has staged some of it (it writes in 1 MiB steps).
     let downloading = wait_until(|| {
         fake.bodies_sending() == 1
@@ -556,16 +552,12 @@ async fn a_shared_pull_goes_on_for_the_caller_who_stays() {
         stall_blobs: vec![(layer.clone(), 16 * 1024)],
         ..Default::default()
     });
-    let mut leaving = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let left = tokio::spawn(async move { leaving.pull_image(request).await });
+    let left = spawn_pull(&daemon, &reference).await;
     let started = fake
         .wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
         .await;
     assert!(started.is_some(), "the layer download never started");
-    let mut staying = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let stays = tokio::spawn(async move { staying.pull_image(request).await });
+    let stays = spawn_pull(&daemon, &reference).await;
     let joined = wait_until(|| daemon.log().contains("joining a pull already under way")).await;
     assert!(joined, "the second caller did not join: {}", daemon.log());
 
@@ -609,9 +601,7 @@ async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
         stall_blobs: vec![(busy.clone(), 2 << 20), (bad.clone(), 1024)],
         ..Default::default()
     });
-    let mut client = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let pulling = spawn_pull(&daemon, &reference).await;
     let busy_hex = busy.trim_start_matches("sha256:").to_owned();
     let writing = wait_until(|| {
         let staged = leftovers::staged_blobs(&containerd)
@@ -641,6 +631,17 @@ async fn layer_failing_while_another_downloads_leaves_no_ingest_behind() {
         .await
         .expect("pull once the layer is served right");
     assert_eq!(id, image.host().config.digest);
+}
+
+/// A PullImage of `reference` through `daemon`'s socket in a task of its own (abort
+/// it to make the client go away, as kubelet's cancelled context does).
+async fn spawn_pull(
+    daemon: &Daemon,
+    reference: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<proto::PullImageResponse>, tonic::Status>> {
+    let mut client = daemon.client().await;
+    let request = cri::pull_request(reference, None);
+    tokio::spawn(async move { client.pull_image(request).await })
 }
 
 /// Polls `ready` (a blocking check) every 50 ms; `false` if it never held within a
@@ -682,9 +683,7 @@ async fn a_stalled_blob_fails_the_pull_with_deadline_exceeded_while_the_daemon_a
         stall_blobs: vec![(layer.clone(), 16 * 1024)],
         ..Default::default()
     });
-    let mut client = daemon.client().await;
-    let request = cri::pull_request(&reference, None);
-    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let pulling = spawn_pull(&daemon, &reference).await;
     fake.wait_for(Duration::from_secs(60), |r| r.path.ends_with(&layer))
         .await
         .expect("the layer download started");
@@ -977,9 +976,7 @@ async fn a_pull_cut_by_kill_9_resumes_its_blob_with_a_range_request_after_restar
         ..Default::default()
     });
     let mut first = daemon(&containerd, &fake.insecure_entry());
-    let mut client = first.client().await;
-    let request = cri::pull_request(&reference, None);
-    let pulling = tokio::spawn(async move { client.pull_image(request).await });
+    let pulling = spawn_pull(&first, &reference).await;
     // What arrived is staged beside containerd's content before the process dies.
     let staging = containerd
         .root()
