@@ -5,46 +5,56 @@
 //! Order of writes (DESIGN.md): everything under a lease; blobs, then snapshots,
 //! then the config's snapshot label, manifest and index with their GC labels, and
 //! the image records last, so containerd's CRI sees a complete image or none.
+//!
+//! This file holds the sharing of identical pulls, the walk over sources and
+//! credentials, and what the stages have in common. One try at one source goes
+//! through the stages, a module each:
+//! - `resolve.rs`: the manifest for this platform, its checks and signatures, and
+//!   whether the image is whole here already (then `warm.rs`: a manifest HEAD only);
+//! - `fetch.rs`: blobs from the registry into the content store, in parallel;
+//! - `stage.rs` and `unpack.rs`: layers extracted as they arrive, then committed as
+//!   snapshots in layer order;
+//! - `record.rs`: GC labels, manifest and index, and the image records;
+//! - `lease.rs`: the lease everything is written under, released at the end.
 
 use crate::auth::{AuthError, Candidate, Keyring, RequestAuth};
 use crate::digest::Digest;
 use crate::metrics::{Metrics, PullMeter};
-use crate::oci::{self, Descriptor, ImageConfig, Index, Manifest, ManifestKind};
+use crate::oci::{Descriptor, ImageConfig, Index, Manifest};
 use crate::platform::PlatformSpec;
 use crate::policy::short_names::Resolution;
 use crate::policy::{Blocked, Candidates, Policy, ShortNameError, Source, SourceKind};
 use crate::progress::{Progress, PullProgress};
 use crate::reference::Reference;
-use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use crate::registry::{Credential, RegistryClient, RegistryError};
 use crate::reload::Reloading;
-use crate::signature;
-use crate::store::{
-    ImageRecord, ImageStore, Ingest, Labels, Lease, StoreError, LABEL_CRI_MANAGED, LABEL_PINNED,
-    LABEL_UNCOMPRESSED,
-};
+use crate::store::{ImageStore, Labels, Lease, StoreError};
 use crate::trust_policy::{Pending, Refusal, TrustPolicy};
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Notify, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::task::JoinHandle;
 
+mod fetch;
+mod lease;
+mod record;
+mod resolve;
 mod stage;
+mod unpack;
 mod warm;
+
+use fetch::fetch_blob;
+use lease::LeaseCleanup;
 
 /// Manifests and configs above this size are refused.
 const MAX_DOCUMENT_BYTES: u64 = crate::catalog::MAX_DOCUMENT_BYTES;
 /// The most layers an image may have. Real images have tens; overlayfs itself stops
 /// stacking long before this.
 const MAX_LAYERS: usize = 1000;
-/// How long a failed pull's lease deletion is retried while containerd is away.
-const RELEASE_RETRY_FOR: Duration = Duration::from_secs(30 * 60);
-/// Times a blob download is resumed after the connection broke mid-body.
-const BLOB_RESUMES: usize = 3;
 
 /// How pulls are done; from the `[containerd]` and `[pull]` config.
 #[derive(Debug, Clone)]
@@ -308,7 +318,7 @@ struct Inner {
     settings: PullSettings,
     inflight: Inflight,
     /// Node-wide pull slots (tokio's semaphore is fair: first come, first served).
-    slots: Option<tokio::sync::Semaphore>,
+    slots: Option<Semaphore>,
     /// Every pull in flight, for the status socket.
     progress: Arc<Progress>,
 }
@@ -330,7 +340,7 @@ impl Puller {
                 trust,
                 keyring,
                 slots: (settings.max_concurrent_pulls > 0)
-                    .then(|| tokio::sync::Semaphore::new(settings.max_concurrent_pulls)),
+                    .then(|| Semaphore::new(settings.max_concurrent_pulls)),
                 settings,
                 inflight: Mutex::new(HashMap::new()),
                 progress: Progress::new(),
@@ -555,7 +565,7 @@ struct SignatureCheck {
 
 impl Inner {
     /// A node-wide pull slot, waited for in arrival order when all are taken.
-    async fn slot(&self, reference: &Reference) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    async fn slot(&self, reference: &Reference) -> Option<SemaphorePermit<'_>> {
         let slots = self.slots.as_ref()?;
         if let Ok(permit) = slots.try_acquire() {
             return Some(permit);
@@ -705,200 +715,8 @@ impl Inner {
         })
     }
 
-    /// One try at one source with one credential. Returns (image ID, target).
-    async fn pull_from(&self, at: &Attempting<'_>) -> Result<(Digest, Descriptor), PullError> {
-        // An image already here costs one manifest HEAD, as with containerd.
-        if let Some(done) = self.warm_pull(at).await? {
-            return Ok(done);
-        }
-        let endpoint = &at.source.endpoint;
-        let repo = at.source.reference.path();
-        let reg_err = |source: RegistryError| PullError::Registry {
-            image: at.image.to_string(),
-            registry: endpoint.host.clone(),
-            source: Box::new(source),
-        };
-        let top = self
-            .registry
-            .fetch_manifest(
-                endpoint,
-                repo,
-                &at.source.reference.manifest_reference(),
-                at.credential,
-            )
-            .await
-            .map_err(reg_err)?;
-        let (manifest_desc, manifest_body, index) =
-            match oci::manifest_kind(&top.descriptor.media_type) {
-                ManifestKind::Index => {
-                    let index: Index = self.parse_document(at, &top.body, "image index")?;
-                    let Some(child) = self.settings.platform.select(&index.manifests) else {
-                        return Err(PullError::NoMatchingPlatform {
-                            image: at.image.to_string(),
-                            wanted: self.settings.platform.to_string(),
-                            available: index
-                                .manifests
-                                .iter()
-                                .filter_map(|d| d.platform.as_ref())
-                                .map(|p| match &p.variant {
-                                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                                    None => format!("{}/{}", p.os, p.architecture),
-                                })
-                                .collect(),
-                        });
-                    };
-                    let fetched = self
-                        .registry
-                        .fetch_manifest(endpoint, repo, &child.digest.to_string(), at.credential)
-                        .await
-                        .map_err(reg_err)?;
-                    if oci::manifest_kind(&fetched.descriptor.media_type) != ManifestKind::Manifest
-                    {
-                        return Err(self.invalid(
-                            at,
-                            format!(
-                                "index entry {} is a {}, not an image manifest",
-                                child.digest, fetched.descriptor.media_type
-                            ),
-                        ));
-                    }
-                    (fetched.descriptor, fetched.body, Some((top, index)))
-                }
-                ManifestKind::Manifest => (top.descriptor, top.body, None),
-                ManifestKind::Schema1 | ManifestKind::Unknown => {
-                    return Err(reg_err(RegistryError::Unsupported {
-                        media_type: top.descriptor.media_type.clone(),
-                        why: "not an OCI or Docker schema 2 image",
-                    }))
-                }
-            };
-        // Signatures are judged on the platform manifest, before anything is written.
-        self.verify_signatures(
-            at,
-            &manifest_desc.digest,
-            &manifest_body,
-            index.as_ref().map(|(top, _)| &top.descriptor.digest),
-        )
-        .await?;
-        let manifest: Manifest = self.parse_document(at, &manifest_body, "image manifest")?;
-        // The config is read whole: refuse an absurd one before downloading it.
-        if manifest.config.size > MAX_DOCUMENT_BYTES {
-            return Err(self.invalid(
-                at,
-                format!(
-                    "the config {} is {} bytes; at most {MAX_DOCUMENT_BYTES} are accepted",
-                    manifest.config.digest, manifest.config.size
-                ),
-            ));
-        }
-        // Each layer becomes a snapshot: a hostile manifest must not make thousands.
-        if manifest.layers.len() > MAX_LAYERS {
-            return Err(self.invalid(
-                at,
-                format!(
-                    "the manifest lists {} layers; at most {MAX_LAYERS} are accepted",
-                    manifest.layers.len()
-                ),
-            ));
-        }
-        if let Some(bad) = manifest
-            .layers
-            .iter()
-            .find(|l| !oci::is_layer(&l.media_type))
-        {
-            return Err(self.invalid(
-                at,
-                format!(
-                    "layer {} has media type {:?}, which cannot be unpacked",
-                    bad.digest, bad.media_type
-                ),
-            ));
-        }
-
-        let target_digest = index
-            .as_ref()
-            .map_or(&manifest_desc.digest, |(top, _)| &top.descriptor.digest);
-        if self.already_pulled(at, target_digest, &manifest).await? {
-            let target = index.map_or(manifest_desc, |(top, _)| top.descriptor);
-            tracing::debug!(image = %at.image, "already pulled; nothing to write");
-            return Ok((
-                manifest.config.digest.clone(),
-                Descriptor::new(target.media_type, target.digest, target.size),
-            ));
-        }
-
-        at.progress.downloading(&manifest);
-        let lease = self
-            .store_call(at, self.store.create_lease(self.settings.lease_expiry))
-            .await?;
-        let cleanup = LeaseCleanup {
-            store: self.store.clone(),
-            lease: Some(lease.clone()),
-            ingests: std::iter::once(ingest_ref("config", &manifest.config.digest))
-                .chain(
-                    manifest
-                        .layers
-                        .iter()
-                        .map(|l| ingest_ref("layer", &l.digest)),
-                )
-                .collect(),
-        };
-        let result = self
-            .fetch_and_unpack(at, &lease, &manifest_desc, manifest_body, &manifest, index)
-            .await;
-        cleanup.run(result.is_err()).await;
-        result
-    }
-
-    /// Enforces policy.json's signature requirements (if any) on the platform
-    /// manifest `digest` with body `manifest`, reached through the index `index`.
-    async fn verify_signatures(
-        &self,
-        at: &Attempting<'_>,
-        digest: &Digest,
-        manifest: &Bytes,
-        index: Option<&Digest>,
-    ) -> Result<(), PullError> {
-        if at.signatures.pending.is_empty() {
-            return Ok(());
-        }
-        let registry = signature::fetch::Registry {
-            client: &self.registry,
-            endpoint: &at.source.endpoint,
-            repository: at.source.reference.path(),
-            credential: at.credential,
-        };
-        // As containers/image does, registries.d is looked up for the source
-        // contacted (a mirror may keep its own lookaside).
-        let sources = at
-            .signatures
-            .trust
-            .registries_d()
-            .sources_for(&at.source.reference);
-        let pulled = signature::Pulled {
-            digest,
-            manifest,
-            index,
-        };
-        let accepted = signature::enforce(
-            &at.signatures.pending,
-            &sources,
-            &registry,
-            at.image,
-            pulled,
-        )
-        .await
-        .map_err(|e| match e {
-            signature::EnforceError::Refused(r) => PullError::Refused(r),
-            signature::EnforceError::Unreadable(source) => PullError::Signatures {
-                image: at.image.to_string(),
-                source: Box::new(source),
-            },
-        })?;
-        tracing::info!(image = %at.image, manifest = %digest, accepted = ?accepted, "signatures verified");
-        Ok(())
-    }
-
+    /// Under `lease`: the config, then the layers (downloaded, unpacked), then the
+    /// records. Each stage is a module: fetch.rs, unpack.rs, record.rs.
     async fn fetch_and_unpack(
         &self,
         at: &Attempting<'_>,
@@ -947,322 +765,19 @@ impl Inner {
         }
         let chain_ids = config.chain_ids();
 
-        // Layers download in parallel tasks. Each is staged (extracted in-house) as
-        // soon as it lands, several at once; then committed in layer order.
-        let mut downloads =
-            self.spawn_downloads(at, lease, &manifest.layers, diff_ids, &source_label);
-        let jobs = downloads
-            .take_results()
-            .into_iter()
-            .enumerate()
-            .map(|(i, downloaded)| stage::Job {
-                layer: manifest.layers[i].clone(),
-                diff_id: diff_ids[i].clone(),
-                chain_id: chain_ids[i].clone(),
-                downloaded,
-            })
-            .collect();
-        let mut staging = stage::Staging::spawn(
-            &self.store,
-            &self.settings.snapshotter,
-            jobs,
-            self.settings.max_concurrent_unpacks,
-        );
-        let mut parent: Option<&Digest> = None;
-        for i in 0..manifest.layers.len() {
-            let staged = staging.take(i).await.map_err(|e| match e {
-                stage::StageError::Download(e) => {
-                    e.into_pull_error(at.image, &at.source.endpoint.host)
-                }
-                stage::StageError::Store(source) => PullError::Store {
-                    image: at.image.to_string(),
-                    source,
-                },
-                stage::StageError::Lost => PullError::Task {
-                    image: at.image.to_string(),
-                    detail: format!("the download or unpack of layer {i} ended without a result"),
-                },
-            })?;
-            let layer = &manifest.layers[i];
-            let unpack_started = Instant::now();
-            let chain_id = &chain_ids[i];
-            // Held first, then looked at: a snapshot of another image found here cannot
-            // be collected before our records reference it.
-            self.store_call(
-                at,
-                self.store
-                    .lease_snapshot(lease, &self.settings.snapshotter, chain_id),
-            )
+        self.unpack_layers(at, lease, manifest, diff_ids, &chain_ids, &source_label)
             .await?;
-            let exists = self
-                .store_call(
-                    at,
-                    self.store
-                        .snapshot_exists(&self.settings.snapshotter, chain_id),
-                )
-                .await?;
-            if !exists {
-                match staged {
-                    // Staged and diff-ID-checked already: Prepare, move in, Commit.
-                    stage::Staged::Ready(staged) => {
-                        self.store_call(
-                            at,
-                            self.store.commit_staged(
-                                lease,
-                                &self.settings.snapshotter,
-                                staged,
-                                parent,
-                                chain_id,
-                            ),
-                        )
-                        .await?;
-                    }
-                    // The store checks the unpacked digest against the config's diff
-                    // ID and commits nothing on a mismatch.
-                    stage::Staged::Present | stage::Staged::Unsupported => {
-                        self.store_call(
-                            at,
-                            self.store.apply_layer(
-                                lease,
-                                &self.settings.snapshotter,
-                                layer,
-                                &diff_ids[i],
-                                parent,
-                                chain_id,
-                            ),
-                        )
-                        .await?;
-                    }
-                }
-                tracing::debug!(layer = i, digest = %layer.digest, elapsed_ms = unpack_started.elapsed().as_millis() as u64, "layer unpacked");
-            }
-            at.progress.layer_unpacked();
-            parent = Some(chain_id);
-        }
-        drop(downloads);
-
-        // GC references: config → top snapshot; manifest → config and layers; index → manifests.
-        if let Some(top) = chain_ids.last() {
-            let mut labels = Labels::new();
-            labels.insert(
-                format!(
-                    "containerd.io/gc.ref.snapshot.{}",
-                    self.settings.snapshotter
-                ),
-                top.to_string(),
-            );
-            self.store_call(
-                at,
-                self.store.update_labels(&manifest.config.digest, labels),
-            )
-            .await?;
-        }
-        let mut labels = Labels::new();
-        labels.insert(source_label.0.clone(), source_label.1.clone());
-        labels.insert(
-            "containerd.io/gc.ref.content.config".into(),
-            manifest.config.digest.to_string(),
-        );
-        for (i, layer) in manifest.layers.iter().enumerate() {
-            labels.insert(
-                format!("containerd.io/gc.ref.content.l.{i}"),
-                layer.digest.to_string(),
-            );
-        }
-        self.write_document(at, lease, manifest_desc, manifest_body, "manifest", labels)
-            .await?;
-        let target = match index {
-            Some((top, index)) => {
-                let mut labels = Labels::new();
-                labels.insert(source_label.0.clone(), source_label.1.clone());
-                for (i, m) in index.manifests.iter().enumerate() {
-                    labels.insert(
-                        format!("containerd.io/gc.ref.content.m.{i}"),
-                        m.digest.to_string(),
-                    );
-                }
-                self.write_document(at, lease, &top.descriptor, top.body, "index", labels)
-                    .await?;
-                top.descriptor
-            }
-            None => manifest_desc.clone(),
-        };
-
-        // The records last: containerd's CRI learns of the image from these events.
-        let target = Descriptor::new(
-            target.media_type.clone(),
-            target.digest.clone(),
-            target.size,
-        );
-        let names = record_names(at.image, &target.digest, &manifest.config.digest);
-        let mut labels = Labels::new();
-        labels.insert(LABEL_CRI_MANAGED.to_string(), "managed".to_string());
-        if self.settings.is_pinned(at.image) {
-            labels.insert(LABEL_PINNED.to_string(), "pinned".to_string());
-        }
-        for name in names {
-            let record = ImageRecord {
-                name,
-                target: target.clone(),
-                labels: labels.clone(),
-            };
-            self.store_call(at, self.store.put_image(record)).await?;
-        }
-        Ok((manifest.config.digest.clone(), target))
-    }
-
-    /// Starts the layer downloads: at most `max_concurrent_downloads` at once, begun
-    /// in manifest order, so the layer the next unpack needs is never queued behind a
-    /// later one (tasks spawned all at once start in no useful order).
-    fn spawn_downloads(
-        &self,
-        at: &Attempting<'_>,
-        lease: &Lease,
-        layers: &[Descriptor],
-        diff_ids: &[Digest],
-        source_label: &(String, String),
-    ) -> Downloads {
-        let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_downloads));
-        let mut results = Vec::with_capacity(layers.len());
-        let mut jobs = Vec::with_capacity(layers.len());
-        for (layer, diff_id) in layers.iter().zip(diff_ids) {
-            let mut labels = Labels::new();
-            labels.insert(source_label.0.clone(), source_label.1.clone());
-            labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
-            let (done, result) = oneshot::channel();
-            results.push(result);
-            jobs.push((layer.clone(), labels, done));
-        }
-        let store = self.store.clone();
-        let registry = self.registry.clone();
-        let source = at.source.clone();
-        let credential = at.credential.cloned();
-        let lease = lease.clone();
-        let progress = at.progress.clone();
-        let dispatcher = tokio::spawn(async move {
-            // Owning the set ties the downloads to the dispatcher: aborting it (when
-            // the pull fails) drops the set, which aborts them all.
-            let mut running = JoinSet::new();
-            for (layer, labels, done) in jobs {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let (store, registry, source, credential, lease, progress) = (
-                    store.clone(),
-                    registry.clone(),
-                    source.clone(),
-                    credential.clone(),
-                    lease.clone(),
-                    progress.clone(),
-                );
-                running.spawn(async move {
-                    let result = fetch_blob(
-                        &store,
-                        &registry,
-                        &source,
-                        credential.as_ref(),
-                        &lease,
-                        &layer,
-                        "layer",
-                        labels,
-                        &progress,
-                    )
-                    .await;
-                    if result.is_ok() {
-                        progress.layer_stored();
-                    }
-                    drop(permit);
-                    let _ = done.send(result);
-                });
-            }
-            while running.join_next().await.is_some() {}
-        });
-        Downloads {
-            results,
-            dispatcher,
-        }
-    }
-
-    async fn write_document(
-        &self,
-        at: &Attempting<'_>,
-        lease: &Lease,
-        desc: &Descriptor,
-        body: Bytes,
-        kind: &str,
-        labels: Labels,
-    ) -> Result<(), PullError> {
-        let reference = ingest_ref(kind, &desc.digest);
-        match self
-            .store_call(at, self.store.open_writer(lease, &reference, desc))
-            .await?
-        {
-            Ingest::Present => {
-                self.store_call(at, self.store.update_labels(&desc.digest, labels))
-                    .await
-            }
-            Ingest::Writer(mut w) => {
-                let offset = usize::try_from(w.offset())
-                    .unwrap_or(usize::MAX)
-                    .min(body.len());
-                self.store_call(at, w.write(body.slice(offset..))).await?;
-                self.store_call(at, w.commit(labels)).await
-            }
-        }
-    }
-
-    /// Whether the image is already whole here: every record we would write names
-    /// this target as ours, the config is stored and its top snapshot is unpacked.
-    /// A warm pull then writes nothing (and takes no lease).
-    async fn already_pulled(
-        &self,
-        at: &Attempting<'_>,
-        target: &Digest,
-        manifest: &Manifest,
-    ) -> Result<bool, PullError> {
-        let pinned = self.settings.is_pinned(at.image);
-        for name in record_names(at.image, target, &manifest.config.digest) {
-            let record = self.store_call(at, self.store.get_image(&name)).await?;
-            let label = |r: &ImageRecord, key: &str, value: &str| {
-                r.labels.get(key).is_some_and(|v| v == value)
-            };
-            // A newly pinned image gets its records written again, with the label.
-            let ours = record.is_some_and(|r| {
-                &r.target.digest == target
-                    && label(&r, LABEL_CRI_MANAGED, "managed")
-                    && (!pinned || label(&r, LABEL_PINNED, "pinned"))
-            });
-            if !ours {
-                return Ok(false);
-            }
-        }
-        let config = match self
-            .store
-            .read_content(&manifest.config.digest, MAX_DOCUMENT_BYTES)
-            .await
-        {
-            Ok(body) => body,
-            Err(StoreError::NotFound { .. }) => return Ok(false),
-            Err(source) => {
-                return Err(PullError::Store {
-                    image: at.image.to_string(),
-                    source,
-                })
-            }
-        };
-        let Ok(config) = serde_json::from_slice::<ImageConfig>(&config) else {
-            return Ok(false);
-        };
-        match config.chain_ids().last() {
-            Some(top) => {
-                self.store_call(
-                    at,
-                    self.store.snapshot_exists(&self.settings.snapshotter, top),
-                )
-                .await
-            }
-            None => Ok(false),
-        }
+        self.record_image(
+            at,
+            lease,
+            manifest_desc,
+            manifest_body,
+            manifest,
+            index,
+            chain_ids.last(),
+            &source_label,
+        )
+        .await
     }
 
     fn parse_document<T: serde::de::DeserializeOwned>(
@@ -1294,24 +809,6 @@ impl Inner {
     }
 }
 
-/// The image records containerd's CRI writes for a pull: `name:tag` (when pulled
-/// by tag), `name@<target digest>` and the image ID.
-fn record_names(image: &Reference, target: &Digest, config: &Digest) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Some(tagged) = image.tagged_name() {
-        names.push(tagged);
-    }
-    names.push(image.digest_name(target));
-    names.push(config.to_string());
-    names
-}
-
-/// The stable ingest name of a blob (`layer-sha256:…`, as containerd names its own),
-/// so an interrupted write is resumed rather than restarted.
-fn ingest_ref(kind: &str, digest: &Digest) -> String {
-    format!("{kind}-{digest}")
-}
-
 /// The HTTP status of a registry error that means "these credentials won't do".
 fn auth_status(e: &RegistryError) -> u16 {
     match e {
@@ -1339,253 +836,6 @@ fn distribution_source_label(reference: &Reference) -> (String, String) {
             reference.host_name()
         ),
         reference.path().to_string(),
-    )
-}
-
-/// Releases a pull's lease when the pull is done, failed, or was dropped where it
-/// stood (cancelled): what it wrote and no record references is collected.
-struct LeaseCleanup {
-    store: Arc<dyn ImageStore>,
-    /// `None` once released.
-    lease: Option<Lease>,
-    /// The pull's ingest references (config, then layers).
-    ingests: Vec<String>,
-}
-
-impl LeaseCleanup {
-    /// After a failure, partial ingests are dropped too (downloads cancelled by the
-    /// failure did not clean up after themselves), and containerd collects before
-    /// this returns, so a failed pull leaves nothing behind.
-    async fn run(mut self, failed: bool) {
-        if let Some(lease) = self.lease.take() {
-            release(
-                &self.store,
-                &lease,
-                failed.then_some(&self.ingests[..]),
-                failed,
-            )
-            .await;
-        }
-    }
-}
-
-impl Drop for LeaseCleanup {
-    /// Dropped unfinished: the pull was cancelled. Its staged blobs stay for the
-    /// next pull to resume (as after a restart); the lease goes at once instead of
-    /// expiring in `lease_expiry`.
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            let store = self.store.clone();
-            tokio::spawn(async move { release(&store, &lease, None, true).await });
-        }
-    }
-}
-
-/// Drops `abort_ingests`, then deletes `lease`; with `collect`, containerd collects
-/// what it held before this returns. If containerd cannot be reached (restarting
-/// under us), the deletion is retried in the background until it is back, so the
-/// lease does not hold the pull's leftovers until it expires.
-async fn release(
-    store: &Arc<dyn ImageStore>,
-    lease: &Lease,
-    abort_ingests: Option<&[String]>,
-    collect: bool,
-) {
-    for reference in abort_ingests.unwrap_or_default() {
-        if let Err(e) = store.abort_ingest(reference).await {
-            tracing::debug!(ingest = %reference, error = %e, "could not abort the ingest");
-        }
-    }
-    match store.delete_lease(lease, collect).await {
-        Ok(()) => {}
-        Err(e @ StoreError::Unavailable { .. }) => {
-            tracing::info!(lease = %lease.id, error = %e, "could not delete the pull's lease; retrying until containerd answers");
-            let (store, lease) = (store.clone(), lease.clone());
-            let ingests = abort_ingests.map(<[String]>::to_vec);
-            tokio::spawn(async move { release_later(&store, &lease, ingests, collect).await });
-        }
-        Err(e) => {
-            tracing::warn!(lease = %lease.id, error = %e, "could not delete the pull's lease; it expires by itself");
-        }
-    }
-}
-
-/// Retries [`release`] 1 s, 2 s, 4 s … (at most a minute) apart while containerd
-/// is unavailable, for up to [`RELEASE_RETRY_FOR`].
-async fn release_later(
-    store: &Arc<dyn ImageStore>,
-    lease: &Lease,
-    ingests: Option<Vec<String>>,
-    collect: bool,
-) {
-    let started = Instant::now();
-    let mut delay = Duration::from_secs(1);
-    loop {
-        tokio::time::sleep(delay).await;
-        for reference in ingests.iter().flatten() {
-            let _ = store.abort_ingest(reference).await;
-        }
-        match store.delete_lease(lease, collect).await {
-            Ok(()) => {
-                tracing::info!(lease = %lease.id, "deleted the pull's lease once containerd answered");
-                return;
-            }
-            Err(StoreError::Unavailable { .. }) if started.elapsed() < RELEASE_RETRY_FOR => {
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-            Err(e) => {
-                tracing::warn!(lease = %lease.id, error = %e, "gave up deleting the pull's lease; it expires by itself");
-                return;
-            }
-        }
-    }
-}
-
-/// The layer downloads of one pull, each result arriving on its own channel;
-/// all of them are aborted if this is dropped unfinished.
-struct Downloads {
-    results: Vec<oneshot::Receiver<Result<(), BlobError>>>,
-    dispatcher: JoinHandle<()>,
-}
-
-impl Downloads {
-    /// Each layer's result channel, in manifest order (the downloads keep running
-    /// until this is dropped).
-    fn take_results(&mut self) -> Vec<oneshot::Receiver<Result<(), BlobError>>> {
-        std::mem::take(&mut self.results)
-    }
-}
-
-impl Drop for Downloads {
-    fn drop(&mut self) {
-        self.dispatcher.abort();
-    }
-}
-
-/// Why one blob could not be stored.
-#[derive(Debug)]
-enum BlobError {
-    Registry(Box<RegistryError>),
-    Store(StoreError),
-}
-
-impl BlobError {
-    fn into_pull_error(self, image: &Reference, host: &str) -> PullError {
-        match self {
-            BlobError::Registry(source) => PullError::Registry {
-                image: image.to_string(),
-                registry: host.to_string(),
-                source,
-            },
-            BlobError::Store(source) => PullError::Store {
-                image: image.to_string(),
-                source,
-            },
-        }
-    }
-}
-
-/// Streams one blob from the registry into the store, resuming the ingest (same
-/// `ref`) when the connection breaks mid-body. A blob already present is skipped.
-/// On giving up, the partial ingest is dropped.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_blob(
-    store: &Arc<dyn ImageStore>,
-    registry: &RegistryClient,
-    source: &Source,
-    credential: Option<&Credential>,
-    lease: &Lease,
-    desc: &Descriptor,
-    kind: &str,
-    labels: Labels,
-    progress: &PullProgress,
-) -> Result<(), BlobError> {
-    let reference = ingest_ref(kind, &desc.digest);
-    let started = Instant::now();
-    let result = fetch_blob_resuming(
-        store,
-        registry,
-        &source.endpoint,
-        source.reference.path(),
-        credential,
-        lease,
-        desc,
-        &reference,
-        labels,
-        progress,
-    )
-    .await;
-    if result.is_ok() {
-        tracing::debug!(blob = %desc.digest, kind, size = desc.size, elapsed_ms = started.elapsed().as_millis() as u64, "blob stored");
-    }
-    // On failure the pull drops every ingest it opened, this one included.
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_blob_resuming(
-    store: &Arc<dyn ImageStore>,
-    registry: &RegistryClient,
-    endpoint: &Endpoint,
-    repo: &str,
-    credential: Option<&Credential>,
-    lease: &Lease,
-    desc: &Descriptor,
-    reference: &str,
-    labels: Labels,
-    progress: &PullProgress,
-) -> Result<(), BlobError> {
-    // One writer for every try: it holds what arrived before a break (some of it not
-    // yet sent to containerd), so the next request asks for the rest from there.
-    let mut writer = match store
-        .open_writer(lease, reference, desc)
-        .await
-        .map_err(BlobError::Store)?
-    {
-        Ingest::Present => {
-            progress.add_bytes(desc.size);
-            return Ok(());
-        }
-        Ingest::Writer(w) => w,
-    };
-    progress.add_bytes(writer.offset());
-    let mut tries = 0;
-    loop {
-        let offset = writer.offset();
-        let mut body = registry
-            .fetch_blob(endpoint, repo, desc, offset, credential)
-            .await
-            .map_err(|e| BlobError::Registry(Box::new(e)))?;
-        let mut broken = None;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    progress.add_fetched(bytes.len() as u64);
-                    writer.write(bytes).await.map_err(BlobError::Store)?
-                }
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
-            }
-        }
-        match broken {
-            None => return writer.commit(labels).await.map_err(BlobError::Store),
-            Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
-                tries += 1;
-                registry.metrics().registry_retry(&endpoint.host);
-                tracing::info!(blob = %desc.digest, error = %e, tries, offset = writer.offset(), "blob download broke off; resuming");
-            }
-            Some(e) => return Err(BlobError::Registry(Box::new(e))),
-        }
-    }
-}
-
-/// A body that broke off can be resumed; a body that was wrong cannot.
-fn is_resumable(e: &RegistryError) -> bool {
-    matches!(
-        e,
-        RegistryError::Interrupted { .. } | RegistryError::Unreachable { .. }
     )
 }
 

@@ -8,7 +8,7 @@
 //! Dropping [`Staging`] aborts what is still running; staged directories not
 //! committed are removed (`StagedLayer`'s drop).
 
-use super::BlobError;
+use super::fetch::BlobError;
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{ImageStore, StagedLayer, StoreError};

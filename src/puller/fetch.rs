@@ -1,0 +1,248 @@
+//! Pull stage two: blobs from the registry into the content store. Layers download
+//! in parallel tasks, begun in manifest order; a body that breaks off is resumed
+//! with a `Range` request on the same ingest.
+
+use super::{Attempting, Inner, PullError};
+use crate::digest::Digest;
+use crate::oci::Descriptor;
+use crate::policy::Source;
+use crate::progress::PullProgress;
+use crate::reference::Reference;
+use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
+use crate::store::{ImageStore, Ingest, Labels, Lease, StoreError, LABEL_UNCOMPRESSED};
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Times a blob download is resumed after the connection broke mid-body.
+const BLOB_RESUMES: usize = 3;
+
+impl Inner {
+    /// Starts the layer downloads: at most `max_concurrent_downloads` at once, begun
+    /// in manifest order, so the layer the next unpack needs is never queued behind a
+    /// later one (tasks spawned all at once start in no useful order).
+    pub(super) fn spawn_downloads(
+        &self,
+        at: &Attempting<'_>,
+        lease: &Lease,
+        layers: &[Descriptor],
+        diff_ids: &[Digest],
+        source_label: &(String, String),
+    ) -> Downloads {
+        let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_downloads));
+        let mut results = Vec::with_capacity(layers.len());
+        let mut jobs = Vec::with_capacity(layers.len());
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let mut labels = Labels::new();
+            labels.insert(source_label.0.clone(), source_label.1.clone());
+            labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
+            let (done, result) = oneshot::channel();
+            results.push(result);
+            jobs.push((layer.clone(), labels, done));
+        }
+        let store = self.store.clone();
+        let registry = self.registry.clone();
+        let source = at.source.clone();
+        let credential = at.credential.cloned();
+        let lease = lease.clone();
+        let progress = at.progress.clone();
+        let dispatcher = tokio::spawn(async move {
+            // Owning the set ties the downloads to the dispatcher: aborting it (when
+            // the pull fails) drops the set, which aborts them all.
+            let mut running = JoinSet::new();
+            for (layer, labels, done) in jobs {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (store, registry, source, credential, lease, progress) = (
+                    store.clone(),
+                    registry.clone(),
+                    source.clone(),
+                    credential.clone(),
+                    lease.clone(),
+                    progress.clone(),
+                );
+                running.spawn(async move {
+                    let result = fetch_blob(
+                        &store,
+                        &registry,
+                        &source,
+                        credential.as_ref(),
+                        &lease,
+                        &layer,
+                        "layer",
+                        labels,
+                        &progress,
+                    )
+                    .await;
+                    if result.is_ok() {
+                        progress.layer_stored();
+                    }
+                    drop(permit);
+                    let _ = done.send(result);
+                });
+            }
+            while running.join_next().await.is_some() {}
+        });
+        Downloads {
+            results,
+            dispatcher,
+        }
+    }
+}
+
+/// The stable ingest name of a blob (`layer-sha256:…`, as containerd names its own),
+/// so an interrupted write is resumed rather than restarted.
+pub(super) fn ingest_ref(kind: &str, digest: &Digest) -> String {
+    format!("{kind}-{digest}")
+}
+
+/// The layer downloads of one pull, each result arriving on its own channel;
+/// all of them are aborted if this is dropped unfinished.
+pub(super) struct Downloads {
+    results: Vec<oneshot::Receiver<Result<(), BlobError>>>,
+    dispatcher: JoinHandle<()>,
+}
+
+impl Downloads {
+    /// Each layer's result channel, in manifest order (the downloads keep running
+    /// until this is dropped).
+    pub(super) fn take_results(&mut self) -> Vec<oneshot::Receiver<Result<(), BlobError>>> {
+        std::mem::take(&mut self.results)
+    }
+}
+
+impl Drop for Downloads {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+/// Why one blob could not be stored.
+#[derive(Debug)]
+pub(super) enum BlobError {
+    Registry(Box<RegistryError>),
+    Store(StoreError),
+}
+
+impl BlobError {
+    pub(super) fn into_pull_error(self, image: &Reference, host: &str) -> PullError {
+        match self {
+            BlobError::Registry(source) => PullError::Registry {
+                image: image.to_string(),
+                registry: host.to_string(),
+                source,
+            },
+            BlobError::Store(source) => PullError::Store {
+                image: image.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// Streams one blob from the registry into the store, resuming the ingest (same
+/// `ref`) when the connection breaks mid-body. A blob already present is skipped.
+/// On giving up, the partial ingest is dropped.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn fetch_blob(
+    store: &Arc<dyn ImageStore>,
+    registry: &RegistryClient,
+    source: &Source,
+    credential: Option<&Credential>,
+    lease: &Lease,
+    desc: &Descriptor,
+    kind: &str,
+    labels: Labels,
+    progress: &PullProgress,
+) -> Result<(), BlobError> {
+    let reference = ingest_ref(kind, &desc.digest);
+    let started = Instant::now();
+    let result = fetch_blob_resuming(
+        store,
+        registry,
+        &source.endpoint,
+        source.reference.path(),
+        credential,
+        lease,
+        desc,
+        &reference,
+        labels,
+        progress,
+    )
+    .await;
+    if result.is_ok() {
+        tracing::debug!(blob = %desc.digest, kind, size = desc.size, elapsed_ms = started.elapsed().as_millis() as u64, "blob stored");
+    }
+    // On failure the pull drops every ingest it opened, this one included.
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_blob_resuming(
+    store: &Arc<dyn ImageStore>,
+    registry: &RegistryClient,
+    endpoint: &Endpoint,
+    repo: &str,
+    credential: Option<&Credential>,
+    lease: &Lease,
+    desc: &Descriptor,
+    reference: &str,
+    labels: Labels,
+    progress: &PullProgress,
+) -> Result<(), BlobError> {
+    // One writer for every try: it holds what arrived before a break (some of it not
+    // yet sent to containerd), so the next request asks for the rest from there.
+    let mut writer = match store
+        .open_writer(lease, reference, desc)
+        .await
+        .map_err(BlobError::Store)?
+    {
+        Ingest::Present => {
+            progress.add_bytes(desc.size);
+            return Ok(());
+        }
+        Ingest::Writer(w) => w,
+    };
+    progress.add_bytes(writer.offset());
+    let mut tries = 0;
+    loop {
+        let offset = writer.offset();
+        let mut body = registry
+            .fetch_blob(endpoint, repo, desc, offset, credential)
+            .await
+            .map_err(|e| BlobError::Registry(Box::new(e)))?;
+        let mut broken = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    progress.add_fetched(bytes.len() as u64);
+                    writer.write(bytes).await.map_err(BlobError::Store)?
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        match broken {
+            None => return writer.commit(labels).await.map_err(BlobError::Store),
+            Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
+                tries += 1;
+                registry.metrics().registry_retry(&endpoint.host);
+                tracing::info!(blob = %desc.digest, error = %e, tries, offset = writer.offset(), "blob download broke off; resuming");
+            }
+            Some(e) => return Err(BlobError::Registry(Box::new(e))),
+        }
+    }
+}
+
+/// A body that broke off can be resumed; a body that was wrong cannot.
+fn is_resumable(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::Interrupted { .. } | RegistryError::Unreachable { .. }
+    )
+}
