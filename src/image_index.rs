@@ -18,8 +18,8 @@
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{
-    ContentInfo, FsUsage, ImageEvent, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, Lease,
-    StoreError,
+    ContentInfo, FsUsage, ImageEvent, ImageEvents, ImageRecord, ImageStore, Ingest, Labels,
+    LayerBytes, Lease, StagedLayer, StoreError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -417,6 +417,32 @@ impl ImageStore for IndexedStore {
     ) -> Result<Digest, StoreError> {
         self.inner
             .apply_layer(lease, snapshotter, layer, diff_id, parent, chain_id)
+            .await
+    }
+
+    async fn stage_layer(
+        &self,
+        snapshotter: &str,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        first: bool,
+        bytes: LayerBytes,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        self.inner
+            .stage_layer(snapshotter, layer, diff_id, first, bytes)
+            .await
+    }
+
+    async fn commit_staged(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        staged: StagedLayer,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .commit_staged(lease, snapshotter, staged, parent, chain_id)
             .await
     }
 

@@ -321,6 +321,8 @@ struct Inner {
     slots: Option<Semaphore>,
     /// Every pull in flight, for the status socket.
     progress: Arc<Progress>,
+    /// Snapshots being unpacked by this daemon's pulls, each by one pull at a time.
+    chains: Arc<stage::ChainClaims>,
 }
 
 impl Puller {
@@ -344,6 +346,7 @@ impl Puller {
                 settings,
                 inflight: Mutex::new(HashMap::new()),
                 progress: Progress::new(),
+                chains: Arc::default(),
             }),
         }
     }
@@ -741,6 +744,7 @@ impl Inner {
             "config",
             labels,
             at.progress,
+            None,
         )
         .await
         .map_err(|e| e.into_pull_error(at.image, &at.source.endpoint.host))?;

@@ -135,6 +135,12 @@ async fn connection_dropped_mid_blob_resumes_with_a_range_request() {
         "resumed at {offset}, {sent} bytes were sent"
     );
     assert_eq!(gets[1].status, 206);
+    if cri::unpacks_in_house_by_default() {
+        // The resumed body continued the stream where it broke: the layer was still
+        // extracted as it downloaded.
+        let log = daemon.log();
+        assert!(log.contains(&cri::staged_line(&layer, true)), "{log}");
+    }
     assert_nothing_left(&containerd, &containerd.image_names(), "a resumed pull");
 }
 
@@ -961,6 +967,18 @@ async fn concurrent_pulls_of_images_sharing_a_layer_fetch_it_once() {
         .filter(|r| r.path.ends_with(&layer) && r.method == "GET")
         .count();
     assert_eq!(layer_gets, 1, "the shared layer was fetched once");
+    if cri::unpacks_in_house_by_default() {
+        // ... and extracted once: the other pull waited for its snapshot.
+        let log = daemon.log();
+        let staged = log
+            .lines()
+            .filter(|l| l.contains(&format!("layer staged digest={layer} ")))
+            .count();
+        assert_eq!(
+            staged, 1,
+            "the shared layer was extracted {staged} times: {log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1019,6 +1037,12 @@ async fn a_pull_cut_by_kill_9_resumes_its_blob_with_a_range_request_after_restar
         [format!("bytes={kept}-")],
         "resumed from what was staged"
     );
+    if cri::unpacks_in_house_by_default() {
+        // The first bytes came from the dead daemon's ingest, not the stream: the
+        // layer is extracted from the content store once complete.
+        let log = second.log();
+        assert!(log.contains(&cri::staged_line(&layer, false)), "{log}");
+    }
     assert_nothing_left(&containerd, &containerd.image_names(), "the resumed pull");
     assert_eq!(staged(), 0, "the staged file is gone once the blob is in");
 }

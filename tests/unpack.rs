@@ -881,13 +881,19 @@ async fn unpacked_in_house_runs_and_containerds_cri_reuses_the_snapshots() {
     let daemon = DaemonConfig::new(&containerd)
         .registry(&registry)
         .unpack("auto")
+        .env("RUST_LOG", "cri_imaged=debug")
         .start();
     pull_ok(&daemon, &pushed.reference, None).await;
-    assert!(
-        daemon.log().contains("unpacking layers in-house"),
-        "{}",
-        daemon.log()
-    );
+    let log = daemon.log();
+    assert!(log.contains("unpacking layers in-house"), "{log}");
+    // Every layer was extracted from its download as it arrived, not read back.
+    for layer in &pushed.manifests[0].layers {
+        assert!(
+            log.contains(&common::cri::staged_line(&layer.digest, true)),
+            "{}: {log}",
+            layer.digest
+        );
+    }
     assert!(containerd.is_unpacked(&pushed.reference));
     let created = |key: &str| {
         let info: serde_json::Value = serde_json::from_str(&containerd.ctr_ok(&[
@@ -901,6 +907,22 @@ async fn unpacked_in_house_runs_and_containerds_cri_reuses_the_snapshots() {
         info["Created"].as_str().unwrap_or_default().to_owned()
     };
     let chains = common::records::chain_ids(&pushed.manifests[0].diff_ids);
+    // Committed with the label containerd's unpacker commits with.
+    for chain in &chains {
+        let info: serde_json::Value = serde_json::from_str(&containerd.ctr_ok(&[
+            "snapshots",
+            "--snapshotter",
+            containerd.snapshotter(),
+            "info",
+            chain,
+        ]))
+        .unwrap();
+        assert_eq!(
+            info["Labels"]["containerd.io/snapshot.ref"].as_str(),
+            Some(chain.as_str()),
+            "{info}"
+        );
+    }
     let before: Vec<String> = chains.iter().map(|c| created(c)).collect();
     let keys_before = containerd.snapshot_keys();
 

@@ -8,7 +8,7 @@ use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{
     ContentInfo, ContentWriter, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels,
-    Lease, StagedLayer, StoreError,
+    LayerBytes, Lease, StagedLayer, StoreError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -166,10 +166,11 @@ impl ImageStore for MeteredStore {
         layer: &Descriptor,
         diff_id: &Digest,
         first: bool,
+        bytes: LayerBytes,
     ) -> Result<Option<StagedLayer>, StoreError> {
         let result = self
             .inner
-            .stage_layer(snapshotter, layer, diff_id, first)
+            .stage_layer(snapshotter, layer, diff_id, first, bytes)
             .await;
         self.count("stage_layer", result)
     }

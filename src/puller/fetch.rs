@@ -10,6 +10,7 @@ use crate::progress::PullProgress;
 use crate::reference::Reference;
 use crate::registry::{Credential, Endpoint, RegistryClient, RegistryError};
 use crate::store::{ImageStore, Ingest, Labels, Lease, StoreError, LABEL_UNCOMPRESSED};
+use crate::unpack::{self, TeeReader, TeeSender};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,11 +19,15 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Times a blob download is resumed after the connection broke mid-body.
 const BLOB_RESUMES: usize = 3;
+/// Chunks (up to a few hundred KiB each) a download may be ahead of its extraction.
+const TEE_CHUNKS: usize = 16;
 
 impl Inner {
     /// Starts the layer downloads: at most `max_concurrent_downloads` at once, begun
     /// in manifest order, so the layer the next unpack needs is never queued behind a
-    /// later one (tasks spawned all at once start in no useful order).
+    /// later one (tasks spawned all at once start in no useful order). Each layer's
+    /// bytes are also handed on as they arrive ([`LayerDownload::stream`]), for
+    /// extraction during the download.
     pub(super) fn spawn_downloads(
         &self,
         at: &Attempting<'_>,
@@ -39,8 +44,9 @@ impl Inner {
             labels.insert(source_label.0.clone(), source_label.1.clone());
             labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
             let (done, result) = oneshot::channel();
-            results.push(result);
-            jobs.push((layer.clone(), labels, done));
+            let (tee, stream) = unpack::tee(TEE_CHUNKS);
+            results.push(LayerDownload { result, stream });
+            jobs.push((layer.clone(), labels, done, tee));
         }
         let store = self.store.clone();
         let registry = self.registry.clone();
@@ -52,7 +58,7 @@ impl Inner {
             // Owning the set ties the downloads to the dispatcher: aborting it (when
             // the pull fails) drops the set, which aborts them all.
             let mut running = JoinSet::new();
-            for (layer, labels, done) in jobs {
+            for (layer, labels, done, tee) in jobs {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
@@ -75,6 +81,7 @@ impl Inner {
                         "layer",
                         labels,
                         &progress,
+                        Some(tee),
                     )
                     .await;
                     if result.is_ok() {
@@ -102,14 +109,32 @@ pub(super) fn ingest_ref(kind: &str, digest: &Digest) -> String {
 /// The layer downloads of one pull, each result arriving on its own channel;
 /// all of them are aborted if this is dropped unfinished.
 pub(super) struct Downloads {
-    results: Vec<oneshot::Receiver<Result<(), BlobError>>>,
+    results: Vec<LayerDownload>,
     dispatcher: JoinHandle<()>,
 }
 
+/// One layer's download, as the unpacking sees it.
+pub(super) struct LayerDownload {
+    /// The outcome, once the blob is stored (or the download failed).
+    pub result: oneshot::Receiver<Result<Fetched, BlobError>>,
+    /// The blob's bytes as they arrive; dropping it costs the download nothing.
+    pub stream: TeeReader,
+}
+
+/// A blob now in the content store.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fetched {
+    /// Every byte of the blob went through the tee, from the first to the last: an
+    /// extraction that read the stream saw exactly the blob that was verified. Not
+    /// so when the blob was present already, or its ingest resumed from bytes an
+    /// earlier pull had written.
+    pub streamed_whole: bool,
+}
+
 impl Downloads {
-    /// Each layer's result channel, in manifest order (the downloads keep running
-    /// until this is dropped).
-    pub(super) fn take_results(&mut self) -> Vec<oneshot::Receiver<Result<(), BlobError>>> {
+    /// Each layer's download, in manifest order (the downloads keep running until
+    /// this is dropped).
+    pub(super) fn take_layers(&mut self) -> Vec<LayerDownload> {
         std::mem::take(&mut self.results)
     }
 }
@@ -157,7 +182,8 @@ pub(super) async fn fetch_blob(
     kind: &str,
     labels: Labels,
     progress: &PullProgress,
-) -> Result<(), BlobError> {
+    tee: Option<TeeSender>,
+) -> Result<Fetched, BlobError> {
     let reference = ingest_ref(kind, &desc.digest);
     let started = Instant::now();
     let result = fetch_blob_resuming(
@@ -171,6 +197,7 @@ pub(super) async fn fetch_blob(
         &reference,
         labels,
         progress,
+        tee,
     )
     .await;
     if result.is_ok() {
@@ -192,7 +219,8 @@ async fn fetch_blob_resuming(
     reference: &str,
     labels: Labels,
     progress: &PullProgress,
-) -> Result<(), BlobError> {
+    tee: Option<TeeSender>,
+) -> Result<Fetched, BlobError> {
     // One writer for every try: it holds what arrived before a break (some of it not
     // yet sent to containerd), so the next request asks for the rest from there.
     let mut writer = match store
@@ -202,11 +230,16 @@ async fn fetch_blob_resuming(
     {
         Ingest::Present => {
             progress.add_bytes(desc.size);
-            return Ok(());
+            return Ok(Fetched {
+                streamed_whole: false,
+            });
         }
         Ingest::Writer(w) => w,
     };
     progress.add_bytes(writer.offset());
+    // The tee sees the blob from its first byte or not at all. A resumed body
+    // continues exactly where the writer stands, so it keeps the stream whole.
+    let mut tee = tee.filter(|_| writer.offset() == 0);
     let mut tries = 0;
     loop {
         let offset = writer.offset();
@@ -219,6 +252,9 @@ async fn fetch_blob_resuming(
             match chunk {
                 Ok(bytes) => {
                     progress.add_fetched(bytes.len() as u64);
+                    if let Some(tee) = &mut tee {
+                        tee.send(&bytes).await;
+                    }
                     writer.write(bytes).await.map_err(BlobError::Store)?
                 }
                 Err(e) => {
@@ -228,7 +264,17 @@ async fn fetch_blob_resuming(
             }
         }
         match broken {
-            None => return writer.commit(labels).await.map_err(BlobError::Store),
+            None => {
+                // The end goes to the extraction before the commit, so its last
+                // bytes and containerd's commit overlap; either way, the extraction
+                // counts only if the commit (which verifies the digest) succeeds.
+                let streamed_whole = match tee {
+                    Some(tee) => tee.finish().await,
+                    None => false,
+                };
+                writer.commit(labels).await.map_err(BlobError::Store)?;
+                return Ok(Fetched { streamed_whole });
+            }
             Some(e) if is_resumable(&e) && tries < BLOB_RESUMES => {
                 tries += 1;
                 registry.metrics().registry_retry(&endpoint.host);

@@ -21,24 +21,25 @@ impl Inner {
         chain_ids: &[Digest],
         source_label: &(String, String),
     ) -> Result<(), PullError> {
-        // Layers download in parallel tasks. Each is staged (extracted in-house) as
-        // soon as it lands, several at once; then committed in layer order.
+        // Layers download in parallel tasks. Each is staged (extracted in-house) while
+        // it downloads, several at once; then committed in layer order.
         let mut downloads =
             self.spawn_downloads(at, lease, &manifest.layers, diff_ids, source_label);
         let jobs = downloads
-            .take_results()
+            .take_layers()
             .into_iter()
             .enumerate()
-            .map(|(i, downloaded)| stage::Job {
+            .map(|(i, download)| stage::Job {
                 layer: manifest.layers[i].clone(),
                 diff_id: diff_ids[i].clone(),
                 chain_id: chain_ids[i].clone(),
-                downloaded,
+                download,
             })
             .collect();
         let mut staging = stage::Staging::spawn(
             &self.store,
             &self.settings.snapshotter,
+            &self.chains,
             jobs,
             self.settings.max_concurrent_unpacks,
         );
@@ -78,7 +79,7 @@ impl Inner {
             if !exists {
                 match staged {
                     // Staged and diff-ID-checked already: Prepare, move in, Commit.
-                    stage::Staged::Ready(staged) => {
+                    stage::Staged::Ready(staged, _claim) => {
                         self.store_call(
                             at,
                             self.store.commit_staged(

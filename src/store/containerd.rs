@@ -32,8 +32,8 @@ pub(crate) fn remove_staged_tree(dir: &std::path::Path) {
 }
 
 use super::{
-    ContentInfo, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, Lease, StagedLayer,
-    StoreError, LABEL_GC_EXPIRE,
+    ContentInfo, FsUsage, ImageEvents, ImageRecord, ImageStore, Ingest, Labels, LayerBytes, Lease,
+    StagedLayer, StoreError, LABEL_GC_EXPIRE,
 };
 use crate::digest::Digest;
 use crate::oci::Descriptor;
@@ -471,9 +471,12 @@ impl ImageStore for ContainerdStore {
         layer: &Descriptor,
         diff_id: &Digest,
         first: bool,
+        bytes: LayerBytes,
     ) -> Result<Option<StagedLayer>, StoreError> {
         match self.local_unpack(snapshotter).await? {
-            Some(local) if local.stages() => Ok(Some(local.stage(layer, diff_id, first).await?)),
+            Some(local) if local.stages() => {
+                Ok(Some(local.stage(layer, diff_id, first, bytes).await?))
+            }
             _ => Ok(None),
         }
     }

@@ -4,7 +4,7 @@
 
 use super::{
     ContentInfo, ContentWriter, FsUsage, ImageEvent, ImageEvents, ImageRecord, ImageStore, Ingest,
-    Labels, Lease, StoreError,
+    Labels, LayerBytes, Lease, StagedLayer, StoreError,
 };
 use crate::digest::{Digest, Verifier};
 use crate::oci::Descriptor;
@@ -230,6 +230,34 @@ impl ImageStore for MemoryStore {
     ) -> Result<(), StoreError> {
         // Nothing is ever collected in memory.
         Ok(())
+    }
+
+    async fn stage_layer(
+        &self,
+        _snapshotter: &str,
+        _layer: &Descriptor,
+        _diff_id: &Digest,
+        _first: bool,
+        _bytes: LayerBytes,
+    ) -> Result<Option<StagedLayer>, StoreError> {
+        // Layers are "unpacked" by apply_layer alone here.
+        Ok(None)
+    }
+
+    async fn commit_staged(
+        &self,
+        _lease: &Lease,
+        _snapshotter: &str,
+        staged: StagedLayer,
+        _parent: Option<&Digest>,
+        _chain_id: &Digest,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Local {
+            detail: format!(
+                "the memory store stages nothing, so it cannot commit the staged layer {}",
+                staged.layer
+            ),
+        })
     }
 
     async fn apply_layer(

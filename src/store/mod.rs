@@ -162,35 +162,34 @@ pub trait ImageStore: Send + Sync {
         chain_id: &Digest,
     ) -> Result<Digest, StoreError>;
 
-    /// In-house unpacking, first half: extracts `layer` (already in the content
-    /// store) into a staging directory beside `snapshotter`'s snapshots and checks
-    /// its diff ID, without touching any snapshot, so layers can be staged in
-    /// parallel and ahead of their parents. `first`: the layer has no parent.
-    /// `Ok(None)`: this store does not stage for `snapshotter` (use `apply_layer`).
+    /// In-house unpacking, first half: extracts `layer` (from the content store, or
+    /// from its download as it arrives: `bytes`) into a staging directory beside
+    /// `snapshotter`'s snapshots and checks its diff ID, without touching any
+    /// snapshot, so layers can be staged in parallel and ahead of their parents.
+    /// `first`: the layer has no parent. `Ok(None)`: this store does not stage for
+    /// `snapshotter` (use `apply_layer`).
+    ///
+    /// No default, here or for `commit_staged`: a store wrapping another must pass
+    /// both on (a default once hid that the index's wrapper never staged at all).
     async fn stage_layer(
         &self,
-        _snapshotter: &str,
-        _layer: &Descriptor,
-        _diff_id: &Digest,
-        _first: bool,
-    ) -> Result<Option<StagedLayer>, StoreError> {
-        Ok(None)
-    }
+        snapshotter: &str,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        first: bool,
+        bytes: LayerBytes,
+    ) -> Result<Option<StagedLayer>, StoreError>;
     /// In-house unpacking, second half, in layer order: prepares the snapshot on
     /// `parent`, moves the staged tree into it and commits it as `chain_id`. On
     /// failure nothing is committed and the prepared snapshot is removed.
     async fn commit_staged(
         &self,
-        _lease: &Lease,
-        _snapshotter: &str,
+        lease: &Lease,
+        snapshotter: &str,
         staged: StagedLayer,
-        _parent: Option<&Digest>,
-        _chain_id: &Digest,
-    ) -> Result<(), StoreError> {
-        Err(StoreError::Local {
-            detail: format!("this store cannot commit the staged layer {}", staged.layer),
-        })
-    }
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+    ) -> Result<(), StoreError>;
 
     async fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError>;
     async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
@@ -205,6 +204,15 @@ pub trait ImageStore: Send + Sync {
     async fn image_events(&self) -> Result<ImageEvents, StoreError>;
 
     async fn filesystem_usage(&self, snapshotter: &str) -> Result<FsUsage, StoreError>;
+}
+
+/// Where [`ImageStore::stage_layer`] reads a layer from.
+pub enum LayerBytes {
+    /// The blob in the content store.
+    Stored,
+    /// The blob as its download writes it to the content store. The result counts
+    /// only if the download then stored the whole blob, verified.
+    Streamed(crate::unpack::TeeReader),
 }
 
 /// A layer extracted into a staging directory, not yet a snapshot

@@ -23,13 +23,17 @@
 //! - `root.rs`: the extraction root: resolving, creating parents, removing safely.
 //! - `parents.rs`: attributes of directories the layer implies but does not list,
 //!   copied from the parent snapshots as containerd's `mkparent` does.
+//! - `stream.rs`: the tee that hands a layer's bytes from its download to its
+//!   extraction as they arrive.
 
 mod extract;
 mod parents;
 mod root;
+mod stream;
 mod whiteout;
 
 pub use parents::copy_parent_attributes;
+pub use stream::{tee, TeeReader, TeeSender};
 
 use crate::digest::Digest;
 use sha2::{Digest as _, Sha256};
@@ -145,8 +149,9 @@ impl Compression {
     }
 }
 
-/// Blob reads: big enough that the inflater is never starved by small reads.
-const BLOB_BUFFER: usize = 1 << 20;
+/// Blob reads from a file: big enough that the inflater is never starved by small
+/// reads. (A streamed layer needs none: its buffer is the download's chunk.)
+pub const BLOB_BUFFER: usize = 1 << 20;
 /// Uncompressed reads by the tar parser (headers are 512 bytes each).
 const TAR_BUFFER: usize = 256 << 10;
 
@@ -172,13 +177,12 @@ impl<R: Read> Read for Hashing<R> {
 /// On error the tree under `root` is partial: the caller removes it (a staging
 /// directory) or the snapshot it belongs to. Blocking: run it on a blocking thread.
 pub fn extract_layer(
-    blob: impl Read,
+    mut blob: impl BufRead,
     layer: &str,
     root: &Path,
     expected_diff_id: &Digest,
     options: &Options,
 ) -> Result<Extracted, UnpackError> {
-    let mut blob = BufReader::with_capacity(BLOB_BUFFER, blob);
     let corrupt = |source| UnpackError::Corrupt {
         layer: layer.to_string(),
         source,

@@ -101,6 +101,19 @@ pub struct DaemonConfig {
     env: Vec<(String, String)>,
 }
 
+/// Whether daemons started with the default `[pull] unpack` unpack in-house (the
+/// suite is not being run on the `Diff.Apply` fallback path).
+pub fn unpacks_in_house_by_default() -> bool {
+    std::env::var("CRI_IMAGED_TEST_UNPACK").map_or(true, |mode| mode == "auto")
+}
+
+/// The debug line the daemon logs when `layer` was staged for in-house unpacking,
+/// `streamed`: extracted from its download as it arrived, or read back from the
+/// content store.
+pub fn staged_line(layer: &str, streamed: bool) -> String {
+    format!("layer staged digest={layer} streamed={streamed}")
+}
+
 impl DaemonConfig {
     /// Stores into `containerd` (namespace k8s.io, its snapshotter).
     pub fn new(containerd: &Containerd) -> DaemonConfig {

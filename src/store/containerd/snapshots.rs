@@ -181,12 +181,14 @@ impl ContainerdStore {
         key: &str,
         chain_id: &Digest,
     ) -> Result<(), StoreError> {
+        // containerd's unpacker commits with the labels it prepared with, so the
+        // committed snapshot carries `containerd.io/snapshot.ref` too.
         let request = self.request(
             CommitSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 name: chain_id.to_string(),
                 key: key.to_string(),
-                labels: HashMap::new(),
+                labels: HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), chain_id.to_string())]),
             },
             Some(lease),
         )?;

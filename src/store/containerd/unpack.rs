@@ -24,9 +24,10 @@
 use super::ContainerdStore;
 use crate::digest::Digest;
 use crate::oci::Descriptor;
-use crate::store::{Lease, StagedLayer, StoreError};
+use crate::store::{LayerBytes, Lease, StagedLayer, StoreError};
 use crate::unpack::{self, Limits, Options, Whiteouts};
 use containerd_client::types::Mount;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,14 +181,16 @@ impl LocalUnpack {
         self.kind == Kind::Overlay
     }
 
-    /// Extracts `layer` from the content store into a new staging directory.
-    /// `first`: the layer has no parent (its snapshot is a plain directory, where
-    /// containerd deletes whited-out paths instead of writing overlay whiteouts).
+    /// Extracts `layer` (from the content store or its download) into a new staging
+    /// directory. `first`: the layer has no parent (its snapshot is a plain
+    /// directory, where containerd deletes whited-out paths instead of writing
+    /// overlay whiteouts).
     pub(super) async fn stage(
         &self,
         layer: &Descriptor,
         diff_id: &Digest,
         first: bool,
+        mut bytes: LayerBytes,
     ) -> Result<StagedLayer, StoreError> {
         let dir = self.staging.join(format!(
             "{}-{}",
@@ -202,6 +205,10 @@ impl LocalUnpack {
         let blob = self.blob_path(layer);
         let digest = layer.digest.clone();
         let diff_id = diff_id.clone();
+        if let LayerBytes::Streamed(reader) = &mut bytes {
+            // A blocking thread for the extraction once its download is under way.
+            reader.ready().await;
+        }
         // Everything in the blocking task, the guard included: if the pull is
         // cancelled meanwhile, the finished task's output (the guard) is dropped,
         // which removes the directory.
@@ -215,15 +222,16 @@ impl LocalUnpack {
                 whiteouts,
                 layer: digest.clone(),
             };
-            let file = std::fs::File::open(&blob).map_err(|e| StoreError::Local {
-                detail: format!("cannot read layer blob {}: {e}", blob.display()),
-            })?;
+            let source: Box<dyn BufRead> = match bytes {
+                LayerBytes::Stored => Box::new(open_blob(&blob)?),
+                LayerBytes::Streamed(reader) => Box::new(reader),
+            };
             let options = Options {
                 whiteouts,
                 limits: Limits::default(),
             };
             let extracted =
-                unpack::extract_layer(file, &digest.to_string(), &dir, &diff_id, &options)?;
+                unpack::extract_layer(source, &digest.to_string(), &dir, &diff_id, &options)?;
             staged.implicit_dirs = extracted.implicit_dirs;
             Ok(staged)
         })
@@ -285,9 +293,7 @@ impl LocalUnpack {
         let name = layer.digest.to_string();
         let diff_id = diff_id.clone();
         tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&blob).map_err(|e| StoreError::Local {
-                detail: format!("cannot read layer blob {}: {e}", blob.display()),
-            })?;
+            let file = open_blob(&blob)?;
             let options = Options {
                 whiteouts: Whiteouts::Delete,
                 limits: Limits::default(),
@@ -301,6 +307,13 @@ impl LocalUnpack {
             detail: format!("the extraction task failed: {e}"),
         })?
     }
+}
+
+fn open_blob(blob: &Path) -> Result<BufReader<std::fs::File>, StoreError> {
+    let file = std::fs::File::open(blob).map_err(|e| StoreError::Local {
+        detail: format!("cannot read layer blob {}: {e}", blob.display()),
+    })?;
+    Ok(BufReader::with_capacity(unpack::BLOB_BUFFER, file))
 }
 
 /// The writable directory of a prepared snapshot and its parents' directories (top
@@ -441,7 +454,9 @@ impl ContainerdStore {
         chain_id: &Digest,
     ) -> Result<(), StoreError> {
         if local.stages() {
-            let staged = local.stage(layer, diff_id, parent.is_none()).await?;
+            let staged = local
+                .stage(layer, diff_id, parent.is_none(), LayerBytes::Stored)
+                .await?;
             return self
                 .commit_staged_layer(local, lease, snapshotter, staged, parent, chain_id)
                 .await;
