@@ -190,10 +190,12 @@ pub struct PullConfig {
     pub pinned: Vec<String>,
     /// How layers are unpacked into containerd's snapshotter: `auto` (in-house for
     /// `overlayfs` and `native` when containerd's snapshot and content directories
-    /// are visible from this process, each layer extracted while others download;
+    /// are visible from this process, each layer extracted while it downloads;
     /// containerd's `Diff.Apply` otherwise) or `containerd` (always `Diff.Apply`).
     pub unpack: UnpackSetting,
-    /// Layers extracted at once per pull when unpacking in-house; 0: one per CPU.
+    /// Layers extracted at once per pull from the content store when unpacking
+    /// in-house; 0: one per CPU. (Layers extracted from their downloads as they
+    /// arrive go at their download's pace, bounded by `max_concurrent_downloads`.)
     pub max_concurrent_unpacks: usize,
     /// Images pulled at start-up, in the background, retried until they are in
     /// (backoff from 1 s to 5 min): the sandbox (pause) image, which containerd would

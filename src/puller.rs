@@ -745,6 +745,7 @@ impl Inner {
             labels,
             at.progress,
             None,
+            None,
         )
         .await
         .map_err(|e| e.into_pull_error(at.image, &at.source.endpoint.host))?;

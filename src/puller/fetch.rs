@@ -14,13 +14,13 @@ use crate::unpack::{self, TeeReader, TeeSender};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Times a blob download is resumed after the connection broke mid-body.
 const BLOB_RESUMES: usize = 3;
-/// Chunks (up to a few hundred KiB each) a download may be ahead of its extraction.
-const TEE_CHUNKS: usize = 16;
+/// Bytes a download may be ahead of its extraction (memory per layer in flight).
+const TEE_AHEAD: usize = 1 << 20;
 
 impl Inner {
     /// Starts the layer downloads: at most `max_concurrent_downloads` at once, begun
@@ -44,7 +44,7 @@ impl Inner {
             labels.insert(source_label.0.clone(), source_label.1.clone());
             labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_id.to_string());
             let (done, result) = oneshot::channel();
-            let (tee, stream) = unpack::tee(TEE_CHUNKS);
+            let (tee, stream) = unpack::tee(TEE_AHEAD);
             results.push(LayerDownload { result, stream });
             jobs.push((layer.clone(), labels, done, tee));
         }
@@ -82,12 +82,12 @@ impl Inner {
                         labels,
                         &progress,
                         Some(tee),
+                        Some(permit),
                     )
                     .await;
                     if result.is_ok() {
                         progress.layer_stored();
                     }
-                    drop(permit);
                     let _ = done.send(result);
                 });
             }
@@ -170,7 +170,8 @@ impl BlobError {
 
 /// Streams one blob from the registry into the store, resuming the ingest (same
 /// `ref`) when the connection breaks mid-body. A blob already present is skipped.
-/// On giving up, the partial ingest is dropped.
+/// On giving up, the partial ingest is dropped. `tee` gets a copy of every chunk;
+/// `slot` (a `max_concurrent_downloads` permit) is given back once the body is in.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn fetch_blob(
     store: &Arc<dyn ImageStore>,
@@ -183,6 +184,7 @@ pub(super) async fn fetch_blob(
     labels: Labels,
     progress: &PullProgress,
     tee: Option<TeeSender>,
+    slot: Option<OwnedSemaphorePermit>,
 ) -> Result<Fetched, BlobError> {
     let reference = ingest_ref(kind, &desc.digest);
     let started = Instant::now();
@@ -198,6 +200,7 @@ pub(super) async fn fetch_blob(
         labels,
         progress,
         tee,
+        slot,
     )
     .await;
     if result.is_ok() {
@@ -220,6 +223,7 @@ async fn fetch_blob_resuming(
     labels: Labels,
     progress: &PullProgress,
     tee: Option<TeeSender>,
+    mut slot: Option<OwnedSemaphorePermit>,
 ) -> Result<Fetched, BlobError> {
     // One writer for every try: it holds what arrived before a break (some of it not
     // yet sent to containerd), so the next request asks for the rest from there.
@@ -265,6 +269,9 @@ async fn fetch_blob_resuming(
         }
         match broken {
             None => {
+                // The body is in: the next download may start while this blob is
+                // synced and committed (disk work, not the network's).
+                drop(slot.take());
                 // The end goes to the extraction before the commit, so its last
                 // bytes and containerd's commit overlap; either way, the extraction
                 // counts only if the commit (which verifies the digest) succeeds.

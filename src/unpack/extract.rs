@@ -11,13 +11,21 @@ use super::whiteout;
 use super::{Options, UnpackError, Whiteouts};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use tar::EntryType;
 
 const PAX_XATTR: &str = "SCHILY.xattr.";
+/// What the tar parser may read between the end of one entry's data and the next
+/// entry: its header, and GNU long name and link (`L`, `K`) and PAX (`x`) records,
+/// which the parser reads whole into memory. Go's archive/tar (containerd's parser)
+/// refuses each such record over 1 MiB; three of those, their headers and the
+/// entry's own header fit in this.
+const HEADER_BUDGET: u64 = 3 * ((1 << 20) + 512) + 4 * 512;
 /// File data is copied in chunks of this size.
 const COPY_BUFFER: usize = 256 << 10;
 /// Longest path component Linux accepts.
@@ -106,6 +114,42 @@ pub(super) struct Extractor<'a> {
     buffer: Vec<u8>,
 }
 
+/// How many bytes the tar parser may still read (`None`: no bound), shared between
+/// the walk, which sets it, and the reader under the parser, which spends it.
+#[derive(Clone, Default)]
+struct Budget {
+    left: Rc<Cell<Option<u64>>>,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl Budget {
+    fn limit(&self, bytes: Option<u64>) {
+        self.left.set(bytes);
+    }
+}
+
+/// The stream under the tar parser, failing a read once the budget is spent.
+struct Budgeted<'a, R> {
+    inner: &'a mut R,
+    budget: Budget,
+}
+
+impl<R: Read> Read for Budgeted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(left) = self.budget.left.get() else {
+            return self.inner.read(buf);
+        };
+        if left == 0 && !buf.is_empty() {
+            self.budget.exceeded.set(true);
+            return Err(io::Error::other("the tar header budget is spent"));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.budget.left.set(Some(left - n as u64));
+        Ok(n)
+    }
+}
+
 /// Walks the tar stream and writes it under `root`. Returns the entry count and the
 /// implicit directories. Leaves the reader just after the archive's end marker.
 pub(super) fn extract<R: Read>(
@@ -134,13 +178,25 @@ pub(super) fn extract<R: Read>(
         listed_dirs: HashSet::new(),
         buffer: vec![0; COPY_BUFFER],
     };
-    let mut archive = tar::Archive::new(tar);
+    let budget = Budget::default();
+    let mut archive = tar::Archive::new(Budgeted {
+        inner: tar,
+        budget: budget.clone(),
+    });
     let corrupt = |source| UnpackError::Corrupt {
         layer: layer.to_string(),
         source,
     };
+    budget.limit(Some(HEADER_BUDGET));
     for entry in archive.entries().map_err(corrupt)? {
-        let entry = entry.map_err(corrupt)?;
+        let mut entry = entry.map_err(|e| match budget.exceeded.get() {
+            true => x.hostile(
+                "",
+                format!("tar headers and long-name or PAX records over {HEADER_BUDGET} bytes for one entry"),
+            ),
+            false => corrupt(e),
+        })?;
+        budget.limit(None);
         x.entries += 1;
         if x.entries > options.limits.max_entries {
             return Err(x.hostile(
@@ -148,7 +204,11 @@ pub(super) fn extract<R: Read>(
                 format!("more than {} entries", options.limits.max_entries),
             ));
         }
-        x.entry(entry)?;
+        x.entry(&mut entry)?;
+        // Data the entry did not use (a directory's, say) is skipped here, so only
+        // headers and records count against the budget.
+        io::copy(&mut entry, &mut io::sink()).map_err(corrupt)?;
+        budget.limit(Some(HEADER_BUDGET));
     }
     x.finish()?;
     let implicit = x
@@ -182,7 +242,7 @@ impl Extractor<'_> {
         }
     }
 
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
         // Global PAX headers carry nothing for the files; Go's reader (and so
         // containerd) skips them as well.
@@ -191,7 +251,7 @@ impl Extractor<'_> {
         }
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
-        let meta = self.meta(&mut entry, &shown)?;
+        let meta = self.meta(entry, &shown)?;
         // A PAX sparse file's header names a placeholder; its name is in the records.
         let raw_path = match &meta.sparse {
             Some((name, _)) => name.clone(),
@@ -235,7 +295,7 @@ impl Extractor<'_> {
             // Old GNU sparse entries (type 'S') fall through to "unsupported", as
             // containerd refuses them ("unhandled tar header type 83").
             EntryType::Regular | EntryType::Continuous => {
-                self.file(&mut entry, parent.as_fd(), &path, &meta)?
+                self.file(entry, parent.as_fd(), &path, &meta)?
             }
             EntryType::Directory => {
                 self.directory(parent.as_fd(), &path, &meta, keep_dir)?;

@@ -365,6 +365,48 @@ mod tests {
     }
 
     #[test]
+    fn long_name_and_pax_records_are_bounded_before_the_parser_reads_them() {
+        // 5 MiB records, which the tar parser would read whole into memory: refused
+        // as hostile (not a path-length or parse error found after reading them).
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+            let (tar, diff_id) = layer(|t| {
+                raw(t, kind, b"././@LongLink", b"", &vec![b'a'; 5 << 20]);
+                raw(t, tar::EntryType::Regular, b"f", b"", b"x");
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let err = extract_layer(
+                &tar[..],
+                "l",
+                dir.path(),
+                &diff_id,
+                &options(Whiteouts::Overlay),
+            )
+            .unwrap_err();
+            match err {
+                UnpackError::Hostile { reason, .. } => {
+                    assert!(reason.contains("PAX records"), "{kind:?}: {reason}")
+                }
+                other => panic!("{kind:?}: {other}"),
+            }
+        }
+        // A directory carrying data (skipped, not read into memory) is no record.
+        let (tar, diff_id) = layer(|t| {
+            raw(t, tar::EntryType::Directory, b"d/", b"", &vec![0; 4 << 20]);
+            raw(t, tar::EntryType::Regular, b"d/f", b"", b"x");
+        });
+        let dir = tempfile::tempdir().unwrap();
+        extract_layer(
+            &tar[..],
+            "l",
+            dir.path(),
+            &diff_id,
+            &options(Whiteouts::Overlay),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(dir.path().join("d/f")).unwrap(), b"x");
+    }
+
+    #[test]
     fn hostile_entries_are_refused() {
         let outside = tempfile::tempdir().unwrap();
         let victim = outside.path().join("victim");

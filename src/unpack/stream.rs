@@ -11,42 +11,70 @@
 
 use bytes::{Buf, Bytes};
 use std::io::{self, BufRead, Read};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{mpsc, Semaphore};
 
 enum Message {
     Chunk(Bytes),
     End,
 }
 
-/// Creates a tee holding at most `chunks` chunks in flight: a download outrunning
-/// its extraction waits for it.
-pub fn tee(chunks: usize) -> (TeeSender, TeeReader) {
-    let (tx, rx) = mpsc::channel(chunks.max(1));
+/// Creates a tee that lets a download be at most `ahead` bytes (at least one
+/// chunk) ahead of its extraction; a download outrunning its extraction waits.
+pub fn tee(ahead: usize) -> (TeeSender, TeeReader) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ahead = u32::try_from(ahead.max(1)).unwrap_or(u32::MAX);
+    let room = Arc::new(Semaphore::new(ahead as usize));
     (
-        TeeSender { tx: Some(tx) },
+        TeeSender {
+            tx: Some(tx),
+            room: room.clone(),
+            ahead,
+        },
         TeeReader {
             rx,
             current: Bytes::new(),
+            charged: 0,
+            room,
+            ahead,
             state: State::Open,
         },
     )
 }
 
+/// What a chunk takes of the tee's room: its length, or all the room for a chunk
+/// bigger than that.
+fn charge(chunk: &Bytes, ahead: u32) -> u32 {
+    u32::try_from(chunk.len()).unwrap_or(u32::MAX).min(ahead)
+}
+
 /// The download's end of a tee.
 pub struct TeeSender {
     /// `None` once the reader went away: nothing more is sent.
-    tx: Option<mpsc::Sender<Message>>,
+    tx: Option<mpsc::UnboundedSender<Message>>,
+    /// Bytes the reader has room for (permits, one per byte).
+    room: Arc<Semaphore>,
+    ahead: u32,
 }
 
 impl TeeSender {
-    /// Hands a copy of `chunk` (a reference count, not the bytes) to the reader.
-    /// Once the reader is gone (the extraction stopped, or nobody extracts this
-    /// layer) this does nothing, and [`finish`](Self::finish) says so.
+    /// Hands a copy of `chunk` (a reference count, not the bytes) to the reader,
+    /// once it has room. Once the reader is gone (the extraction stopped, or nobody
+    /// extracts this layer) this does nothing, and [`finish`](Self::finish) says so.
     pub async fn send(&mut self, chunk: &Bytes) {
-        if let Some(tx) = &self.tx {
-            if tx.send(Message::Chunk(chunk.clone())).await.is_err() {
-                self.tx = None;
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        // The reader closes the room when it goes away.
+        let sent = match self.room.acquire_many(charge(chunk, self.ahead)).await {
+            Ok(permits) => {
+                permits.forget();
+                tx.send(Message::Chunk(chunk.clone())).is_ok()
             }
+            Err(_) => false,
+        };
+        if !sent {
+            self.tx = None;
         }
     }
 
@@ -54,7 +82,7 @@ impl TeeSender {
     /// reached it, i.e. the reader saw the whole stream.
     pub async fn finish(mut self) -> bool {
         match self.tx.take() {
-            Some(tx) => tx.send(Message::End).await.is_ok(),
+            Some(tx) => tx.send(Message::End).is_ok(),
             None => false,
         }
     }
@@ -64,10 +92,21 @@ impl TeeSender {
 /// download's own chunk (no copy). Read it on a blocking thread, never on the
 /// async runtime; [`ready`](Self::ready) waits for the first bytes without one.
 pub struct TeeReader {
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::UnboundedReceiver<Message>,
     /// The unread rest of the latest chunk.
     current: Bytes,
+    /// Room the latest chunk took, given back once it is read.
+    charged: u32,
+    room: Arc<Semaphore>,
+    ahead: u32,
     state: State,
+}
+
+impl Drop for TeeReader {
+    fn drop(&mut self) {
+        // A sender waiting for room learns that nobody reads any more.
+        self.room.close();
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,7 +130,10 @@ impl TeeReader {
 
     fn take(&mut self, message: Option<Message>) {
         match message {
-            Some(Message::Chunk(chunk)) => self.current = chunk,
+            Some(Message::Chunk(chunk)) => {
+                self.current = chunk;
+                self.charged = charge(&self.current, self.ahead);
+            }
             Some(Message::End) => self.state = State::Ended,
             None => self.state = State::Broken,
         }
@@ -101,6 +143,10 @@ impl TeeReader {
 impl BufRead for TeeReader {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() {
+            if self.charged > 0 {
+                self.room
+                    .add_permits(std::mem::take(&mut self.charged) as usize);
+            }
             match self.state {
                 State::Open => {
                     let message = self.rx.blocking_recv();
@@ -172,6 +218,39 @@ mod tests {
         drop(tx);
         let err = reader.join().unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_sender_waits_for_room_and_goes_on_when_the_reader_reads() {
+        let (mut tx, mut rx) = tee(4);
+        tx.send(&Bytes::from_static(b"abc")).await;
+        // One byte of room left: the next chunk waits until "abc" is read.
+        let blocked = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            tx.send(&Bytes::from_static(b"de")),
+        )
+        .await;
+        assert!(blocked.is_err(), "sent with no room");
+        rx.ready().await;
+        let reader = read_all(rx);
+        // A chunk bigger than the whole room still goes, taking all of it.
+        tx.send(&Bytes::from_static(b"de")).await;
+        tx.send(&Bytes::from_static(b"fghijklmn")).await;
+        assert!(tx.finish().await);
+        assert_eq!(reader.join().unwrap().unwrap(), b"abcdefghijklmn");
+    }
+
+    #[tokio::test]
+    async fn a_reader_gone_wakes_a_sender_waiting_for_room() {
+        let (mut tx, rx) = tee(2);
+        tx.send(&Bytes::from_static(b"ab")).await;
+        let waiting = tokio::spawn(async move {
+            tx.send(&Bytes::from_static(b"c")).await;
+            tx.finish().await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(rx);
+        assert!(!waiting.await.unwrap());
     }
 
     #[tokio::test]
