@@ -349,7 +349,10 @@ fn empty_layer() -> Vec<u8> {
 /// A layer made by GNU tar with a sparse file: `format` `posix` writes PAX sparse
 /// 1.0 (which Go's reader, and so containerd, expands), `gnu` the old type 'S'
 /// (which containerd refuses: "unhandled tar header type 83").
-fn sparse_layer(format: &str) -> Vec<u8> {
+/// A layer holding one 16 MiB sparse file, archived by GNU tar as `format`
+/// (`posix`: PAX sparse records; `gnu`: old GNU sparse entries), with `extra` tar
+/// options (e.g. `--sparse-version=0.1`).
+fn sparse_layer(format: &str, extra: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sparse");
     let f = std::fs::File::create(&path).unwrap();
@@ -361,7 +364,9 @@ fn sparse_layer(format: &str) -> Vec<u8> {
     drop(f);
     let out = std::process::Command::new("tar")
         .arg(format!("--format={format}"))
-        .args(["--sparse", "--numeric-owner", "--mtime=@1400000000", "-C"])
+        .args(["--sparse", "--numeric-owner", "--mtime=@1400000000"])
+        .args(extra)
+        .arg("-C")
         .arg(dir.path())
         .args(["-cf", "-", "sparse"])
         .output()
@@ -734,10 +739,16 @@ async fn sparse_files_and_layers_that_start_empty_unpack_as_diff_apply_does() {
     let p = pair().await;
     let layers = vec![
         compress(empty_layer(), Compress::Gzip),
-        compress(sparse_layer("posix"), Compress::Gzip),
+        compress(sparse_layer("posix", &[]), Compress::Gzip),
         compress(base_layer("on-empty"), Compress::Zstd),
     ];
     assert_both_unpack_the_same(&p, &layers, "sparse").await;
+    // The older PAX sparse versions, whose maps are in the records.
+    for version in ["0.0", "0.1"] {
+        let option = format!("--sparse-version={version}");
+        let layer = vec![compress(sparse_layer("posix", &[&option]), Compress::Gzip)];
+        assert_both_unpack_the_same(&p, &layer, &format!("sparse {version}")).await;
+    }
     let chains = chain_ids(&layers);
     let dir = snapshot_dir(&p.containerd, OURS_NS, &chains[1]).await;
     let meta = std::fs::metadata(dir.join("sparse")).unwrap();
@@ -749,7 +760,7 @@ async fn sparse_files_and_layers_that_start_empty_unpack_as_diff_apply_does() {
     );
 
     // Old GNU sparse entries: containerd refuses them, and so do we.
-    let old = vec![compress(sparse_layer("gnu"), Compress::Gzip)];
+    let old = vec![compress(sparse_layer("gnu", &[]), Compress::Gzip)];
     let theirs = apply_chain(&p.theirs, &p.lease_theirs, &old).await;
     assert!(
         theirs.is_err(),

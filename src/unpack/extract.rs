@@ -92,10 +92,23 @@ pub(super) struct Meta {
     pub(super) gid: u32,
     mtime: Timespec,
     xattrs: Vec<(String, Vec<u8>)>,
-    /// PAX-format sparse file, version 1.0 (what GNU tar writes with
-    /// `--format=posix --sparse`): its real name and size.
-    sparse: Option<(Vec<u8>, u64)>,
+    /// PAX-format sparse file (`GNU.sparse.*` records; GNU tar's `--format=posix
+    /// --sparse`, any of its `--sparse-version`s).
+    sparse: Option<Sparse>,
 }
+
+/// A PAX sparse file: the archive holds only its data regions.
+struct Sparse {
+    /// The real name (1.0 names a placeholder in the header; 0.x keep the name).
+    name: Option<Vec<u8>>,
+    /// The real size.
+    size: u64,
+    /// Versions 0.0 and 0.1 carry the map in records; 1.0 at the start of the data.
+    map: Option<Vec<(u64, u64)>>,
+}
+
+/// More regions than any real sparse file has; bounds what a hostile map takes.
+const MAX_SPARSE_REGIONS: u64 = 1 << 20;
 
 pub(super) struct Extractor<'a> {
     root: Root,
@@ -252,9 +265,9 @@ impl Extractor<'_> {
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let meta = self.meta(entry, &shown)?;
-        // A PAX sparse file's header names a placeholder; its name is in the records.
-        let raw_path = match &meta.sparse {
-            Some((name, _)) => name.clone(),
+        // A PAX 1.0 sparse file's header names a placeholder; its name is in the records.
+        let raw_path = match meta.sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(name) => name,
             None => raw_path,
         };
         let max = self.options.limits.max_path_bytes;
@@ -379,9 +392,7 @@ impl Extractor<'_> {
             tv_nsec: 0,
         };
         let mut xattrs = Vec::new();
-        let mut sparse_version: (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
-        let mut sparse_name = None;
-        let mut sparse_size = None;
+        let mut sparse = SparseRecords::default();
         if let Some(pax) = entry.pax_extensions().map_err(|e| bad("PAX header", e))? {
             for record in pax {
                 let record = record.map_err(|e| bad("PAX record", e))?;
@@ -409,36 +420,13 @@ impl Extractor<'_> {
                         mtime = t;
                     }
                 } else if let Some(field) = key.strip_prefix("GNU.sparse.") {
-                    let value = record.value_bytes();
-                    match field {
-                        "major" => sparse_version.0 = Some(value.to_vec()),
-                        "minor" => sparse_version.1 = Some(value.to_vec()),
-                        "name" => sparse_name = Some(value.to_vec()),
-                        "realsize" => {
-                            sparse_size = std::str::from_utf8(value)
-                                .ok()
-                                .and_then(|v| v.parse::<u64>().ok())
-                        }
-                        _ => {}
-                    }
+                    sparse
+                        .add(field, record.value_bytes())
+                        .map_err(|r| self.hostile(shown, r))?;
                 }
             }
         }
-        let sparse = match (sparse_version, sparse_name, sparse_size) {
-            ((None, None), None, None) => None,
-            ((Some(major), Some(minor)), Some(name), Some(size))
-                if major == b"1" && minor == b"0" =>
-            {
-                Some((name, size))
-            }
-            // Versions 0.0 and 0.1 (sparse maps in PAX records) are not written by
-            // current GNU tar; refuse rather than write the wrong content.
-            _ => {
-                return Err(
-                    self.hostile(shown, "PAX sparse file of a version other than 1.0".into())
-                )
-            }
-        };
+        let sparse = sparse.finish().map_err(|r| self.hostile(shown, r))?;
         // containerd bounds times below at the epoch.
         if mtime.tv_sec < 0 {
             mtime = Timespec {
@@ -475,10 +463,18 @@ impl Extractor<'_> {
             None => {
                 self.copy(entry, &mut file, u64::MAX, path)?;
             }
-            Some((_, real_size)) => {
+            Some(Sparse {
+                size: real_size,
+                map,
+                ..
+            }) => {
                 let shown = String::from_utf8_lossy(&path.joined).into_owned();
-                let map =
-                    read_sparse_map(entry, *real_size).map_err(|r| self.hostile(&shown, r))?;
+                let map = match map {
+                    Some(map) => map.clone(),
+                    None => {
+                        read_sparse_map(entry, *real_size).map_err(|r| self.hostile(&shown, r))?
+                    }
+                };
                 // Holes are skipped, so the file stays sparse (its content is the
                 // same as containerd's, which writes the zeros).
                 for (offset, len) in map {
@@ -714,12 +710,112 @@ impl Extractor<'_> {
     }
 }
 
+/// The `GNU.sparse.*` records of one entry, as read. Which version they are is told
+/// as Go's archive/tar (containerd's parser) tells it: by `major`/`minor`, else
+/// by a `map` record (0.1).
+#[derive(Default)]
+struct SparseRecords {
+    major: Option<Vec<u8>>,
+    minor: Option<Vec<u8>>,
+    name: Option<Vec<u8>>,
+    /// `size` (0.x) or `realsize` (1.0).
+    size: Option<u64>,
+    /// 0.1: `offset,length,offset,length…`.
+    map: Option<Vec<u8>>,
+    /// 0.0: repeated `offset` and `numbytes` records, in pairs.
+    pairs: Vec<u64>,
+    any: bool,
+}
+
+impl SparseRecords {
+    fn add(&mut self, field: &str, value: &[u8]) -> Result<(), String> {
+        let number = || {
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("GNU.sparse.{field} is not a number"))
+        };
+        self.any = true;
+        match field {
+            "major" => self.major = Some(value.to_vec()),
+            "minor" => self.minor = Some(value.to_vec()),
+            "name" => self.name = Some(value.to_vec()),
+            "size" | "realsize" => self.size = Some(number()?),
+            "map" => self.map = Some(value.to_vec()),
+            "offset" | "numbytes" => {
+                if self.pairs.len() as u64 >= 2 * MAX_SPARSE_REGIONS {
+                    return Err("a sparse map with too many regions".into());
+                }
+                self.pairs.push(number()?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<Sparse>, String> {
+        if !self.any {
+            return Ok(None);
+        }
+        let version = (self.major.as_deref(), self.minor.as_deref());
+        let in_records = match version {
+            (Some(b"1"), Some(b"0")) => false,
+            (Some(b"0"), Some(b"0" | b"1")) => true,
+            (None, None) if self.map.is_some() || !self.pairs.is_empty() => true,
+            // Go's reader takes an unknown version for a plain file, whose data
+            // would then be the packed regions: refuse rather than write that.
+            _ => return Err("a PAX sparse file of an unknown version".into()),
+        };
+        let size = self.size.ok_or("a PAX sparse file without its real size")?;
+        let map = if in_records {
+            let numbers = match &self.map {
+                Some(map) => std::str::from_utf8(map)
+                    .map_err(|_| "a malformed sparse map".to_string())?
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        n.parse::<u64>()
+                            .map_err(|_| "a malformed sparse map".to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => self.pairs,
+            };
+            if numbers.len() % 2 != 0 || numbers.len() as u64 > 2 * MAX_SPARSE_REGIONS {
+                return Err("a malformed sparse map".into());
+            }
+            let map: Vec<(u64, u64)> = numbers.chunks(2).map(|p| (p[0], p[1])).collect();
+            check_sparse_map(&map, size)?;
+            Some(map)
+        } else {
+            None
+        };
+        if !in_records && self.name.is_none() {
+            return Err("a PAX 1.0 sparse file without its real name".into());
+        }
+        Ok(Some(Sparse {
+            name: self.name,
+            size,
+            map,
+        }))
+    }
+}
+
+/// Regions must be in order, not overlap, and end inside the file.
+fn check_sparse_map(map: &[(u64, u64)], real_size: u64) -> Result<(), String> {
+    let mut end = 0u64;
+    for &(offset, len) in map {
+        end = offset
+            .checked_add(len)
+            .filter(|&e| offset >= end && e <= real_size)
+            .ok_or_else(|| "sparse region out of order or beyond the file".to_string())?;
+    }
+    Ok(())
+}
+
 /// Reads the map at the start of a PAX 1.0 sparse file's data: decimal numbers,
 /// one per line (the count, then offset and length of each data region), padded
 /// to a 512-byte block. Regions must be in order and inside `real_size`.
 fn read_sparse_map(entry: &mut impl Read, real_size: u64) -> Result<Vec<(u64, u64)>, String> {
-    /// More regions than any real file has; bounds the memory a hostile map takes.
-    const MAX_REGIONS: u64 = 1 << 20;
     let mut consumed = 0usize;
     let mut next_number = |entry: &mut dyn Read| -> Result<u64, String> {
         let mut digits = Vec::new();
@@ -741,21 +837,16 @@ fn read_sparse_map(entry: &mut impl Read, real_size: u64) -> Result<Vec<(u64, u6
             .ok_or_else(|| "malformed sparse map".to_string())
     };
     let count = next_number(entry)?;
-    if count > MAX_REGIONS {
+    if count > MAX_SPARSE_REGIONS {
         return Err(format!("sparse map with {count} regions"));
     }
     let mut map = Vec::with_capacity(count as usize);
-    let mut end = 0u64;
     for _ in 0..count {
         let offset = next_number(entry)?;
         let len = next_number(entry)?;
-        let region_end = offset
-            .checked_add(len)
-            .filter(|&e| offset >= end && e <= real_size)
-            .ok_or_else(|| "sparse region out of order or beyond the file".to_string())?;
-        end = region_end;
         map.push((offset, len));
     }
+    check_sparse_map(&map, real_size)?;
     let padding = (512 - consumed % 512) % 512;
     io::copy(&mut entry.take(padding as u64), &mut io::sink())
         .map_err(|e| format!("sparse map: {e}"))?;
