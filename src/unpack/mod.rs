@@ -263,6 +263,16 @@ mod tests {
         (bytes, digest)
     }
 
+    /// Extracts `tar` (a layer named "l") into `root` with default limits.
+    fn extract(
+        tar: &[u8],
+        root: &Path,
+        diff_id: &Digest,
+        whiteouts: Whiteouts,
+    ) -> Result<Extracted, UnpackError> {
+        extract_layer(tar, "l", root, diff_id, &options(whiteouts))
+    }
+
     fn options(whiteouts: Whiteouts) -> Options {
         Options {
             whiteouts,
@@ -290,14 +300,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let out = extract_layer(
-            &gzip(&tar)[..],
-            "l",
-            root,
-            &diff_id,
-            &options(Whiteouts::Overlay),
-        )
-        .unwrap();
+        let out = extract(&gzip(&tar), root, &diff_id, Whiteouts::Overlay).unwrap();
         assert_eq!(out.diff_id, diff_id);
         assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"hello");
         assert_eq!(
@@ -342,14 +345,7 @@ mod tests {
             raw(t, tar::EntryType::Regular, b"d/new", b"", b"");
             raw(t, tar::EntryType::Regular, b"d/.wh..wh..opq", b"", b"");
         });
-        extract_layer(
-            &tar[..],
-            "l",
-            dir.path(),
-            &diff_id,
-            &options(Whiteouts::Delete),
-        )
-        .unwrap();
+        extract(&tar, dir.path(), &diff_id, Whiteouts::Delete).unwrap();
         assert!(!dir.path().join("a").exists());
         extract_layer(
             &tar2[..],
@@ -374,14 +370,7 @@ mod tests {
                 raw(t, tar::EntryType::Regular, b"f", b"", b"x");
             });
             let dir = tempfile::tempdir().unwrap();
-            let err = extract_layer(
-                &tar[..],
-                "l",
-                dir.path(),
-                &diff_id,
-                &options(Whiteouts::Overlay),
-            )
-            .unwrap_err();
+            let err = extract(&tar, dir.path(), &diff_id, Whiteouts::Overlay).unwrap_err();
             match err {
                 UnpackError::Hostile { reason, .. } => {
                     assert!(reason.contains("PAX records"), "{kind:?}: {reason}")
@@ -395,14 +384,7 @@ mod tests {
             raw(t, tar::EntryType::Regular, b"d/f", b"", b"x");
         });
         let dir = tempfile::tempdir().unwrap();
-        extract_layer(
-            &tar[..],
-            "l",
-            dir.path(),
-            &diff_id,
-            &options(Whiteouts::Overlay),
-        )
-        .unwrap();
+        extract(&tar, dir.path(), &diff_id, Whiteouts::Overlay).unwrap();
         assert_eq!(std::fs::read(dir.path().join("d/f")).unwrap(), b"x");
     }
 
@@ -433,14 +415,7 @@ mod tests {
         for (what, build) in cases {
             let (tar, diff_id) = layer(build);
             let dir = tempfile::tempdir().unwrap();
-            let err = extract_layer(
-                &tar[..],
-                "l",
-                dir.path(),
-                &diff_id,
-                &options(Whiteouts::Overlay),
-            )
-            .unwrap_err();
+            let err = extract(&tar, dir.path(), &diff_id, Whiteouts::Overlay).unwrap_err();
             assert!(matches!(err, UnpackError::Hostile { .. }), "{what}: {err}");
         }
         // A symlink to the host path, then a file through it: lands inside the root.
@@ -458,14 +433,7 @@ mod tests {
             raw(t, tar::EntryType::Regular, b"up/escaped", b"", b"owned");
         });
         let dir = tempfile::tempdir().unwrap();
-        extract_layer(
-            &tar[..],
-            "l",
-            dir.path(),
-            &diff_id,
-            &options(Whiteouts::Overlay),
-        )
-        .unwrap();
+        extract(&tar, dir.path(), &diff_id, Whiteouts::Overlay).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"safe");
         assert!(dir
             .path()
@@ -479,14 +447,7 @@ mod tests {
         let (tar, _) = layer(|t| raw(t, tar::EntryType::Regular, b"f", b"", b"x"));
         let dir = tempfile::tempdir().unwrap();
         let wrong = Digest::of(b"something else");
-        let err = extract_layer(
-            &tar[..],
-            "l",
-            dir.path(),
-            &wrong,
-            &options(Whiteouts::Overlay),
-        )
-        .unwrap_err();
+        let err = extract(&tar, dir.path(), &wrong, Whiteouts::Overlay).unwrap_err();
         assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
     }
 
@@ -505,14 +466,7 @@ mod tests {
         });
         let compressed = zstd::encode_all(&tar[..], 1).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        extract_layer(
-            &compressed[..],
-            "l",
-            dir.path(),
-            &diff_id,
-            &options(Whiteouts::Overlay),
-        )
-        .unwrap();
+        extract(&compressed, dir.path(), &diff_id, Whiteouts::Overlay).unwrap();
         assert!(dir.path().join("f9").exists());
         let dir = tempfile::tempdir().unwrap();
         let mut tight = options(Whiteouts::Overlay);
