@@ -181,8 +181,9 @@ pub struct PullConfig {
     /// the pull with DeadlineExceeded (a mirror hands over to the next source), like
     /// containerd's `image_pull_progress_timeout`. kubelet gives PullImage no deadline.
     pub progress_timeout: String,
-    /// A blob arriving slower than this over a whole `progress_timeout` counts as
-    /// stalled too (a trickle); 0 turns the check off.
+    /// A blob arriving slower than this over a whole `progress_timeout` of waiting
+    /// on the registry counts as stalled too (a trickle); time we spend writing
+    /// and extracting what arrived does not count. 0 turns the check off.
     pub min_bytes_per_second: u64,
     /// Images kubelet's image GC must keep (`Image.pinned`): references, normalised
     /// (`busybox` is `docker.io/library/busybox:latest`), or globs over the full

@@ -134,9 +134,12 @@ struct BlobBody {
     /// Present when the body starts at byte 0, so the whole blob passes through it.
     verifier: Option<Verifier>,
     idle: Duration,
-    /// Trickle check: bytes since `window_start`, and the least acceptable rate.
+    /// Trickle check: the least acceptable rate, and the bytes and the time spent
+    /// waiting on the registry in the current window. Only waiting counts: while
+    /// the caller is busy with a chunk (writing it, or extracting the layer it
+    /// feeds), the registry is not the one being slow.
     min_bytes_per_second: u64,
-    window_start: Instant,
+    window_waited: Duration,
     window_bytes: u64,
     done: bool,
     /// Bytes off the wire, counted per registry.
@@ -155,7 +158,7 @@ impl BlobBody {
             skip: 0,
             idle: Duration::from_secs(300),
             min_bytes_per_second: 0,
-            window_start: Instant::now(),
+            window_waited: Duration::ZERO,
             window_bytes: 0,
             done: false,
             downloaded: Counter::default(),
@@ -178,13 +181,15 @@ impl BlobBody {
         }
     }
 
-    /// A trickle is a stall: below the minimum rate over a whole window.
-    fn check_rate(&mut self, arrived: u64) -> Result<(), RegistryError> {
+    /// A trickle is a stall: below the minimum rate over a whole window of time
+    /// spent waiting on the registry.
+    fn check_rate(&mut self, arrived: u64, waited: Duration) -> Result<(), RegistryError> {
         if self.min_bytes_per_second == 0 {
             return Ok(());
         }
         self.window_bytes += arrived;
-        let elapsed = self.window_start.elapsed();
+        self.window_waited += waited;
+        let elapsed = self.window_waited;
         if elapsed < self.idle {
             return Ok(());
         }
@@ -195,7 +200,7 @@ impl BlobBody {
                 self.min_bytes_per_second
             )));
         }
-        self.window_start = Instant::now();
+        self.window_waited = Duration::ZERO;
         self.window_bytes = 0;
         Ok(())
     }
@@ -203,7 +208,10 @@ impl BlobBody {
     /// The next non-empty chunk to hand on, `None` after a verified end.
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
         loop {
-            let next = match next_data(&mut self.body, self.idle, &self.host).await {
+            let asked = Instant::now();
+            let next = next_data(&mut self.body, self.idle, &self.host).await;
+            let waited = asked.elapsed();
+            let next = match next {
                 Err(RegistryError::Stalled { why, .. }) => return Err(self.stalled(why)),
                 other => other?,
             };
@@ -212,7 +220,7 @@ impl BlobBody {
             };
             self.position += chunk.len() as u64;
             self.downloaded.add(chunk.len() as u64);
-            self.check_rate(chunk.len() as u64)?;
+            self.check_rate(chunk.len() as u64, waited)?;
             if self.position > self.size {
                 return Err(RegistryError::SizeMismatch {
                     digest: self.digest.clone(),
@@ -280,6 +288,48 @@ mod tests {
                 _ => fake::reply(200, LAYER),
             }
         }
+    }
+
+    /// A 4 MiB blob fetched with a minimum rate over 200 ms windows.
+    async fn fetch_rated(
+        reply: impl Fn(&fake::Seen) -> fake::Reply + Send + Sync + 'static,
+        body: &[u8],
+        min_bytes_per_second: u64,
+    ) -> (Fake, crate::registry::BlobStream) {
+        let registry = Fake::start(reply).await;
+        let client = RegistryClient::new(crate::registry::ClientSettings {
+            idle_timeout: Duration::from_millis(200),
+            min_bytes_per_second,
+            ..fake::settings()
+        })
+        .unwrap();
+        let desc = Descriptor::new(
+            "application/vnd.oci.image.layer.v1.tar",
+            Digest::of(body),
+            body.len() as u64,
+        );
+        let stream = client
+            .fetch_blob(&fake::insecure(&registry), "app", &desc, 0, None)
+            .await
+            .unwrap();
+        (registry, stream)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_a_slow_registry() {
+        use futures_util::StreamExt;
+        let body: Bytes = (0..4u32 << 20).map(|i| i as u8).collect::<Vec<_>>().into();
+        let served = body.clone();
+        // Far more than loopback could be blamed for, were our own pauses counted.
+        let (_registry, mut stream) =
+            fetch_rated(move |_| fake::reply(200, served.clone()), &body, 50 << 20).await;
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            got.extend_from_slice(&chunk.expect("no stall: the reader was the slow one"));
+            // The caller busy with each chunk (writing, extracting) for a while.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(got, body);
     }
 
     #[tokio::test]
