@@ -3,13 +3,15 @@
 //! append a line to a counter file per run (so caching is observable) and print a
 //! CredentialProviderResponse.
 
+mod common;
+
+use common::log::{capture_log, captured_log};
 use cri_imaged::auth::provider::{ProvidedAuth, ProviderError, Providers};
 use cri_imaged::reference::Reference;
 use cri_imaged::registry::Credential;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const V1: &str = "credentialprovider.kubelet.k8s.io/v1";
@@ -132,48 +134,6 @@ fn users(auths: &[ProvidedAuth]) -> Vec<(String, String, String)> {
 
 fn triple(p: &str, k: &str, u: &str) -> (String, String, String) {
     (p.into(), k.into(), u.into())
-}
-
-/// Collects this thread's log lines (the tests run on a current-thread runtime,
-/// where plugin runs are spawned on the same thread).
-struct Logs {
-    buf: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture() -> Logs {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&buf);
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || LogWriter(Arc::clone(&writer)))
-            .finish();
-        Logs {
-            buf,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
 }
 
 #[tokio::test]
@@ -374,7 +334,7 @@ async fn concurrent_lookups_of_one_image_share_one_run() {
 
 #[tokio::test]
 async fn failing_plugins_give_nothing_and_are_logged_by_name() {
-    let logs = Logs::capture();
+    capture_log();
     let fx = Fixture::new();
     fx.plugin("exits", "echo 'no instance profile found' >&2\nexit 1");
     fx.plugin("garbage", "echo 'Error: not json'");
@@ -414,7 +374,7 @@ async fn failing_plugins_give_nothing_and_are_logged_by_name() {
         "only the working provider counts"
     );
 
-    let log = logs.text();
+    let log = captured_log();
     let failure = |name: &str| {
         log.lines()
             .find(|l| l.contains("plugin failed") && l.contains(&format!("provider={name} ")))
@@ -523,7 +483,7 @@ async fn a_config_directory_merges_its_files_in_order() {
 
 #[tokio::test]
 async fn secrets_stay_out_of_debug_output_and_logs() {
-    let logs = Logs::capture();
+    capture_log();
     let fx = Fixture::new();
     fx.responder("ecr", "Image", None, "r.io", "AWS");
     let mut text = config(&[("ecr", &["r.io"], "1h")]);
@@ -536,18 +496,16 @@ async fn secrets_stay_out_of_debug_output_and_logs() {
     );
     let debug = format!("{providers:?} {got:?}");
     assert!(debug.contains("ecr"), "{debug}");
+    let log = captured_log();
     for secret in ["pass-AWS", "env-secret-value"] {
         assert!(!debug.contains(secret), "{secret} in Debug: {debug}");
-        assert!(
-            !logs.text().contains(secret),
-            "{secret} in log: {}",
-            logs.text()
-        );
+        assert!(!log.contains(secret), "{secret} in log: {log}");
     }
     assert!(
-        logs.text().contains("credential provider plugin answered"),
-        "{}",
-        logs.text()
+        log.lines()
+            .any(|l| l.contains("credential provider plugin answered")
+                && l.contains("provider=ecr ")),
+        "{log}"
     );
 }
 

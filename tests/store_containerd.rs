@@ -399,7 +399,7 @@ async fn a_missing_socket_is_unavailable_naming_the_address() {
 /// is recorded with its labels under the lease; no staged file is left behind.
 #[tokio::test]
 async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
-    capture_log();
+    common::log::capture_log();
     let containerd = start_containerd();
     let store = ContainerdStore::connect(&containerd.address(), "k8s.io").unwrap();
     let lease = store.create_lease(Duration::from_secs(3600)).await.unwrap();
@@ -450,7 +450,7 @@ async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
     assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
     assert!(containerd.ctr_ok(&["content", "active"]).lines().count() <= 1);
     // containerd took the linked file as the blob: no byte went through its API.
-    let log = captured_log();
+    let log = common::log::captured_log();
     assert!(
         log.contains(&format!(
             "writing blobs straight into containerd's content directory root={}",
@@ -484,7 +484,7 @@ async fn direct_ingest_publishes_verified_blobs_into_containerds_content_dir() {
 /// present in a namespace: the staged file is then streamed through Content.Write.
 #[tokio::test]
 async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
-    capture_log();
+    common::log::capture_log();
     let containerd = Containerd::start_with(ContainerdOptions {
         cri: false,
         extra_toml: "[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n".into(),
@@ -498,7 +498,7 @@ async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
     writer.write(Bytes::copy_from_slice(&data)).await.unwrap();
     writer.commit(Labels::new()).await.unwrap();
     assert_eq!(store.read_content(&d.digest, 4 << 20).await.unwrap(), data);
-    let log = captured_log();
+    let log = common::log::captured_log();
     let content = containerd.root().join("io.containerd.content.v1.content");
     assert!(
         log.contains(&format!(
@@ -511,58 +511,6 @@ async fn direct_ingest_streams_when_containerd_does_not_take_the_file() {
         log.contains("did not take the blob from disk; streaming it reference=isolated-blob"),
         "{log}"
     );
-}
-
-/// Everything this test binary's daemon code logged at debug, all tests together.
-/// One global subscriber, set before any test logs: a thread-local one per test
-/// (`set_default`) misses events now and then when tests run in parallel (tracing
-/// caches a callsite's interest across dispatchers). Tests find their own lines by
-/// their unique paths and references.
-fn captured_log() -> String {
-    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
-}
-
-fn log_buffer() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
-    static BUFFER: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
-        std::sync::OnceLock::new();
-    BUFFER.get_or_init(|| {
-        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let writer = Captured(buffer.clone());
-        let _ = tracing::subscriber::set_global_default(
-            tracing_subscriber::fmt()
-                .with_env_filter("cri_imaged=debug")
-                .with_ansi(false)
-                .with_writer(writer)
-                .finish(),
-        );
-        buffer
-    })
-}
-
-/// Starts capturing the daemon code's log (see [`captured_log`]) before the test's
-/// first event.
-fn capture_log() {
-    log_buffer();
-}
-
-#[derive(Clone)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
 }
 
 /// Content and snapshots a pull finds already present are held by its lease: when

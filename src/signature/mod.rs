@@ -202,7 +202,8 @@ pub(crate) mod fixtures {
     }
 
     pub fn read(name: &str) -> Vec<u8> {
-        std::fs::read(path(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        let path = path(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`records`]: containerd's image records, content labels and snapshots, read with `ctr`.
 //! - [`fake_registry`]: an in-process plain-HTTP registry that misbehaves on request.
 //! - [`http_server`]: the in-process hyper server thread the token server and the fake run on.
+//! - [`log`]: the daemon code's log at debug, captured in memory (one global subscriber).
 //! - [`leftovers`]: what a failed pull must not leave in containerd; daemon health.
 //! - [`proxy`]: an HTTP CONNECT proxy that records the tunnels asked of it.
 //! - [`prometheus`]: a real Prometheus scraping the daemon, `promtool check metrics`,
@@ -33,6 +34,7 @@ pub mod fake_registry;
 pub mod http_server;
 pub mod images;
 pub mod leftovers;
+pub mod log;
 pub mod prometheus;
 pub mod proxy;
 pub mod records;
