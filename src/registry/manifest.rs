@@ -37,47 +37,16 @@ impl RegistryClient {
         reference: &str,
         credential: Option<&Credential>,
     ) -> Result<ManifestHead, RegistryError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static(oci::MANIFEST_ACCEPT));
-        let subject = NotFound::Manifest {
-            repository: repository.to_string(),
-            reference: reference.to_string(),
-        };
-        let path = format!("/v2/{repository}/manifests/{reference}");
         let response = self
-            .send(
+            .manifest_request(
                 http::Method::HEAD,
                 endpoint,
                 repository,
-                &path,
-                headers,
+                reference,
                 credential,
-                &subject,
             )
             .await?;
-        let header = |name: http::header::HeaderName| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let digest = header(http::header::HeaderName::from_static(
-            "docker-content-digest",
-        ))
-        .and_then(|v| match v.parse::<Digest>() {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring Docker-Content-Digest");
-                None
-            }
-        });
-        Ok(ManifestHead {
-            digest,
-            media_type: header(CONTENT_TYPE)
-                .map(|v| v.split(';').next().unwrap_or_default().trim().to_string()),
-            size: header(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-        })
+        Ok(ManifestHead::from_headers(response.headers()))
     }
 
     /// Resolves `reference` (a tag or a `sha256:` digest) in `repository` to its
@@ -103,39 +72,21 @@ impl RegistryClient {
         } else {
             None
         };
-        let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static(oci::MANIFEST_ACCEPT));
-        let subject = NotFound::Manifest {
-            repository: repository.to_string(),
-            reference: reference.to_string(),
-        };
-        let path = format!("/v2/{repository}/manifests/{reference}");
         let response = self
-            .get(endpoint, repository, &path, headers, credential, &subject)
+            .manifest_request(
+                http::Method::GET,
+                endpoint,
+                repository,
+                reference,
+                credential,
+            )
             .await?;
-
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or_default().trim().to_string());
-        let header_digest = response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        if let Some(len) = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > MAX_MANIFEST_BYTES as u64 {
-                return Err(RegistryError::ManifestTooLarge {
-                    host: endpoint.host.clone(),
-                    limit: MAX_MANIFEST_BYTES,
-                });
-            }
+        let head = ManifestHead::from_headers(response.headers());
+        if head.size.is_some_and(|len| len > MAX_MANIFEST_BYTES as u64) {
+            return Err(RegistryError::ManifestTooLarge {
+                host: endpoint.host.clone(),
+                limit: MAX_MANIFEST_BYTES,
+            });
         }
         let mut body = response.into_body();
         let (body, truncated) = read_capped(
@@ -157,21 +108,16 @@ impl RegistryClient {
             if expected != actual {
                 return Err(RegistryError::DigestMismatch { expected, actual });
             }
-        } else if let Some(header) = header_digest {
-            // Only sha256 can be checked; another algorithm is not a lie, just opaque.
-            match header.parse::<Digest>() {
-                Ok(declared) if declared != actual => {
-                    return Err(RegistryError::DigestMismatch {
-                        expected: declared,
-                        actual,
-                    })
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "ignoring Docker-Content-Digest"),
+        } else if let Some(declared) = head.digest {
+            if declared != actual {
+                return Err(RegistryError::DigestMismatch {
+                    expected: declared,
+                    actual,
+                });
             }
         }
 
-        let media_type = media_type(content_type.as_deref(), &body);
+        let media_type = media_type(head.media_type.as_deref(), &body);
         match oci::manifest_kind(&media_type) {
             ManifestKind::Index | ManifestKind::Manifest => {}
             ManifestKind::Schema1 => {
@@ -193,6 +139,58 @@ impl RegistryClient {
             descriptor: Descriptor::new(media_type, actual, body.len() as u64),
             body,
         })
+    }
+
+    /// Sends a manifest request (`HEAD` or `GET`) for `reference` with the Accept
+    /// header containerd sends: every manifest and index type we read.
+    async fn manifest_request(
+        &self,
+        method: http::Method,
+        endpoint: &Endpoint,
+        repository: &str,
+        reference: &str,
+        credential: Option<&Credential>,
+    ) -> Result<http::Response<hyper::body::Incoming>, RegistryError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(oci::MANIFEST_ACCEPT));
+        let subject = NotFound::Manifest {
+            repository: repository.to_string(),
+            reference: reference.to_string(),
+        };
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        self.send(
+            method, endpoint, repository, &path, headers, credential, &subject,
+        )
+        .await
+    }
+}
+
+impl ManifestHead {
+    /// What a manifest response's headers declare. A `Docker-Content-Digest` that is
+    /// not a sha256 digest is left out: another algorithm is not a lie, just opaque.
+    fn from_headers(headers: &HeaderMap) -> ManifestHead {
+        let header = |name: http::header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let digest = header(http::header::HeaderName::from_static(
+            "docker-content-digest",
+        ))
+        .and_then(|v| match v.parse::<Digest>() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring Docker-Content-Digest");
+                None
+            }
+        });
+        ManifestHead {
+            digest,
+            media_type: header(CONTENT_TYPE)
+                .map(|v| v.split(';').next().unwrap_or_default().trim().to_string()),
+            size: header(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        }
     }
 }
 
