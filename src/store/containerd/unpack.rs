@@ -212,7 +212,7 @@ impl LocalUnpack {
         // Everything in the blocking task, the guard included: if the pull is
         // cancelled meanwhile, the finished task's output (the guard) is dropped,
         // which removes the directory.
-        tokio::task::spawn_blocking(move || {
+        on_blocking_thread("extraction", move || {
             std::fs::create_dir(&dir).map_err(|e| StoreError::Local {
                 detail: format!("cannot create staging directory {}: {e}", dir.display()),
             })?;
@@ -236,9 +236,6 @@ impl LocalUnpack {
             Ok(staged)
         })
         .await
-        .map_err(|e| StoreError::Local {
-            detail: format!("the extraction task failed: {e}"),
-        })?
     }
 
     /// Moves a staged layer into a prepared snapshot: the directory its mounts name.
@@ -267,7 +264,7 @@ impl LocalUnpack {
             });
         };
         let implicit = std::mem::take(&mut staged.implicit_dirs);
-        tokio::task::spawn_blocking(move || {
+        on_blocking_thread("placing", move || {
             let result = place_tree(&dir, &target, &implicit, &lowers);
             if result.is_err() {
                 remove_tree(&dir);
@@ -275,9 +272,6 @@ impl LocalUnpack {
             result
         })
         .await
-        .map_err(|e| StoreError::Local {
-            detail: format!("the placing task failed: {e}"),
-        })?
     }
 
     /// Extracts `layer` straight into a prepared `native` snapshot (a copy of its
@@ -292,7 +286,7 @@ impl LocalUnpack {
         let blob = self.blob_path(layer);
         let name = layer.digest.to_string();
         let diff_id = diff_id.clone();
-        tokio::task::spawn_blocking(move || {
+        on_blocking_thread("extraction", move || {
             let file = open_blob(&blob)?;
             let options = Options {
                 whiteouts: Whiteouts::Delete,
@@ -303,10 +297,20 @@ impl LocalUnpack {
                 .map_err(StoreError::from)
         })
         .await
-        .map_err(|e| StoreError::Local {
-            detail: format!("the extraction task failed: {e}"),
-        })?
     }
+}
+
+/// Runs filesystem work on a blocking thread; a panic there is a local error naming
+/// the `task`.
+async fn on_blocking_thread<T: Send + 'static>(
+    task: &str,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Local {
+            detail: format!("the {task} task failed: {e}"),
+        })?
 }
 
 fn open_blob(blob: &Path) -> Result<BufReader<std::fs::File>, StoreError> {
