@@ -321,8 +321,9 @@ struct Inner {
     slots: Option<Semaphore>,
     /// Every pull in flight, for the status socket.
     progress: Arc<Progress>,
-    /// Snapshots being unpacked by this daemon's pulls, each by one pull at a time.
-    chains: Arc<stage::ChainClaims>,
+    /// Snapshots being unpacked by this daemon's pulls (each by one pull at a
+    /// time), and the node-wide bound on layers extracted from their downloads.
+    staging: Arc<stage::NodeStaging>,
 }
 
 impl Puller {
@@ -346,7 +347,7 @@ impl Puller {
                 settings,
                 inflight: Mutex::new(HashMap::new()),
                 progress: Progress::new(),
-                chains: Arc::default(),
+                staging: Arc::new(stage::NodeStaging::new(stage::MAX_STREAMED)),
             }),
         }
     }

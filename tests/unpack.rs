@@ -1014,3 +1014,40 @@ async fn a_wrong_diff_id_fails_the_pull_with_data_loss_and_leaves_nothing() {
         assert_nothing_left(&containerd, &[], &format!("a wrong diff ID ({mode})"));
     }
 }
+
+/// A layer read from its download is not yet verified, so it may inflate only so
+/// far (32 times its compressed size, at least 64 MiB) before the pull stops
+/// streaming it and extracts the verified blob from the content store instead:
+/// 80 MiB of zeros in a layer of about 100 KB is unpacked that way, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_inflating_past_its_streaming_budget_is_extracted_from_the_stored_blob() {
+    const MIB: u64 = 80;
+    let (containerd, registry) = start(Registry::open);
+    let pushed = images::zeros_image(MIB as usize, "zeros").push(&registry, "unpack/zeros");
+    let layer = &pushed.manifests[0].layers[0];
+    assert!(
+        layer.size * 32 < 64 << 20,
+        "the layer is {} bytes",
+        layer.size
+    );
+    let daemon = DaemonConfig::new(&containerd)
+        .registry(&registry)
+        .unpack("auto")
+        .env("RUST_LOG", "cri_imaged=debug")
+        .start();
+    pull_ok(&daemon, &pushed.reference, None).await;
+    let log = daemon.log();
+    assert!(log.contains("inflates past its streaming budget"), "{log}");
+    assert!(
+        log.contains(&common::cri::staged_line(&layer.digest, false)),
+        "{log}"
+    );
+    assert!(containerd.is_unpacked(&pushed.reference));
+    let chain: Digest = pushed.manifests[0].diff_ids[0].parse().unwrap();
+    let dir = snapshot_dir(&containerd, "k8s.io", &chain).await;
+    let zeros = std::fs::read(dir.join("zeros.bin")).unwrap();
+    assert_eq!(zeros.len() as u64, MIB << 20);
+    assert!(zeros.iter().all(|&b| b == 0));
+    let staging = staging_dir_of(&containerd, daemon.pid());
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+}

@@ -148,7 +148,8 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::Unpack(e) => match e {
             UnpackError::DiffIdMismatch { .. } => Code::DataLoss,
             UnpackError::Hostile { .. } | UnpackError::Corrupt { .. } => Code::InvalidArgument,
-            UnpackError::Io { .. } => Code::Internal,
+            // A budget is set only where the pull falls back to the stored blob.
+            UnpackError::Io { .. } | UnpackError::OverBudget { .. } => Code::Internal,
         },
     }
 }

@@ -9,7 +9,12 @@
 //! extraction stopped early) the layer is extracted from the content store after
 //! its download, at most `max_concurrent_unpacks` such layers at once. Streamed
 //! extractions are not counted against that bound: each runs at its download's
-//! pace, and the downloads are bounded by `max_concurrent_downloads`.
+//! pace, and the downloads are bounded by `max_concurrent_downloads`. But each
+//! holds a blocking thread while it waits for bytes, and the downloads feeding them
+//! need blocking threads too (file writes): so at most [`MAX_STREAMED`] layers are
+//! extracted from their downloads node-wide, and a layer that finds none of those
+//! slots free is extracted from the content store. So is a layer that inflates past
+//! its budget before its blob is verified (`UnpackError::OverBudget`).
 //!
 //! One snapshot is unpacked by one pull at a time ([`ChainClaims`]): when pulls of
 //! different images need the same layer at once, one extracts and commits it and
@@ -25,11 +30,31 @@ use super::fetch::{BlobError, Fetched, LayerDownload};
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::store::{ImageStore, LayerBytes, StagedLayer, StoreError};
+use crate::unpack::UnpackError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{oneshot, OwnedMutexGuard, Semaphore};
 use tokio::task::JoinHandle;
+
+/// Layers extracted from their downloads at once, node-wide: well below tokio's
+/// 512 blocking threads, which the downloads' file writes need as well.
+pub(super) const MAX_STREAMED: usize = 64;
+
+/// What the staging of every pull in this daemon shares.
+pub(super) struct NodeStaging {
+    chains: ChainClaims,
+    streams: Semaphore,
+}
+
+impl NodeStaging {
+    pub(super) fn new(max_streamed: usize) -> Self {
+        NodeStaging {
+            chains: ChainClaims::default(),
+            streams: Semaphore::new(max_streamed),
+        }
+    }
+}
 
 /// What became of one layer before its turn to be committed.
 pub(super) enum Staged {
@@ -65,7 +90,7 @@ pub(super) struct Job {
 /// order, so the holder of the lowest claimed layer can always finish: no pull waits
 /// for another in a circle.
 #[derive(Default)]
-pub(super) struct ChainClaims {
+struct ChainClaims {
     held: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -108,14 +133,14 @@ struct Shared {
     snapshotter: String,
     /// Extractions from the content store at once (`max_concurrent_unpacks`).
     permits: Semaphore,
-    chains: Arc<ChainClaims>,
+    node: Arc<NodeStaging>,
 }
 
 impl Staging {
     pub(super) fn spawn(
         store: &Arc<dyn ImageStore>,
         snapshotter: &str,
-        chains: &Arc<ChainClaims>,
+        node: &Arc<NodeStaging>,
         jobs: Vec<Job>,
         concurrency: usize,
     ) -> Staging {
@@ -123,7 +148,7 @@ impl Staging {
             store: store.clone(),
             snapshotter: snapshotter.to_string(),
             permits: Semaphore::new(concurrency.max(1)),
-            chains: chains.clone(),
+            node: node.clone(),
         });
         let tasks = jobs
             .into_iter()
@@ -174,7 +199,7 @@ async fn stage(shared: &Shared, job: Job, first: bool) -> Result<Staged, StageEr
     let Shared {
         store,
         snapshotter,
-        chains,
+        node,
         ..
     } = shared;
     let Job {
@@ -196,18 +221,24 @@ async fn stage(shared: &Shared, job: Job, first: bool) -> Result<Staged, StageEr
         downloaded(download.result).await?;
         return Ok(Staged::Present);
     }
-    let Some(claim) = chains.try_claim(&chain_id) else {
+    let Some(claim) = node.chains.try_claim(&chain_id) else {
         // Another pull is unpacking this snapshot: wait for it without holding up
         // our download, then use its snapshot, or do it ourselves if it failed.
         drop(download.stream);
-        let claim = chains.claim(&chain_id).await;
+        let claim = node.chains.claim(&chain_id).await;
         if exists().await? {
             downloaded(download.result).await?;
             return Ok(Staged::Present);
         }
-        let fetched = downloaded(download.result).await?;
+        downloaded(download.result).await?;
         let staged = stage_stored(shared, &layer, &diff_id, first).await;
-        return finish(staged, claim, &layer, fetched, started);
+        return finish(staged, claim, &layer, false, started);
+    };
+    let Ok(stream_slot) = node.streams.try_acquire() else {
+        drop(download.stream);
+        downloaded(download.result).await?;
+        let staged = stage_stored(shared, &layer, &diff_id, first).await;
+        return finish(staged, claim, &layer, false, started);
     };
     let streamed = store.stage_layer(
         snapshotter,
@@ -217,18 +248,24 @@ async fn stage(shared: &Shared, job: Job, first: bool) -> Result<Staged, StageEr
         LayerBytes::Streamed(download.stream),
     );
     let (streamed, fetched) = tokio::join!(streamed, downloaded(download.result));
-    let fetched = fetched?;
-    let staged = match (streamed, fetched.streamed_whole) {
+    drop(stream_slot);
+    let whole = fetched?.streamed_whole;
+    let (staged, streamed) = match (streamed, whole) {
+        // Too big to trust unverified; the stored blob is verified.
+        (Err(StoreError::Unpack(UnpackError::OverBudget { limit, .. })), _) => {
+            tracing::debug!(digest = %layer.digest, limit, "layer inflates past its streaming budget; extracting it from the content store");
+            (stage_stored(shared, &layer, &diff_id, first).await, false)
+        }
         // The extraction read exactly the verified blob: its verdict stands, a
         // refused entry or a wrong diff ID included.
-        (streamed, true) | (streamed @ Ok(None), false) => streamed,
+        (streamed, true) | (streamed @ Ok(None), false) => (streamed, whole),
         // It did not (nothing is lost but time): from the content store.
         (streamed, false) => {
             drop(streamed);
-            stage_stored(shared, &layer, &diff_id, first).await
+            (stage_stored(shared, &layer, &diff_id, first).await, false)
         }
     };
-    finish(staged, claim, &layer, fetched, started)
+    finish(staged, claim, &layer, streamed, started)
 }
 
 /// Extracts the layer from the content store, at most `max_concurrent_unpacks`
@@ -256,13 +293,13 @@ fn finish(
     staged: Result<Option<StagedLayer>, StoreError>,
     claim: ChainClaim,
     layer: &Descriptor,
-    fetched: Fetched,
+    streamed: bool,
     started: Instant,
 ) -> Result<Staged, StageError> {
     match staged.map_err(StageError::Store)? {
         None => Ok(Staged::Unsupported),
         Some(staged) => {
-            tracing::debug!(digest = %layer.digest, streamed = fetched.streamed_whole, elapsed_ms = started.elapsed().as_millis() as u64, "layer staged");
+            tracing::debug!(digest = %layer.digest, streamed, elapsed_ms = started.elapsed().as_millis() as u64, "layer staged");
             Ok(Staged::Ready(staged, claim))
         }
     }

@@ -39,7 +39,7 @@ impl Inner {
         let mut staging = stage::Staging::spawn(
             &self.store,
             &self.settings.snapshotter,
-            &self.chains,
+            &self.staging,
             jobs,
             self.settings.max_concurrent_unpacks,
         );

@@ -60,6 +60,10 @@ pub struct Limits {
     pub max_entries: u64,
     /// Bytes in one entry's path or link target, after cleaning.
     pub max_path_bytes: usize,
+    /// Bytes of the uncompressed stream ([`UnpackError::OverBudget`] past them);
+    /// `None`: no bound. A layer read before its blob's digest is verified gets one,
+    /// so that bytes nobody vouched for cannot inflate without end.
+    pub max_uncompressed_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -69,6 +73,7 @@ impl Default for Limits {
             max_entries: 4 << 20,
             // PATH_MAX: the kernel refuses longer paths anyway.
             max_path_bytes: 4096,
+            max_uncompressed_bytes: None,
         }
     }
 }
@@ -119,6 +124,9 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+    /// The uncompressed stream went past [`Limits::max_uncompressed_bytes`].
+    #[error("layer {layer}: more than {limit} bytes uncompressed")]
+    OverBudget { layer: String, limit: u64 },
     /// Writing the tree failed (disk full, permissions, an unsupported filesystem).
     #[error("layer {layer}: {op} {path:?}: {source}")]
     Io {
@@ -155,15 +163,25 @@ pub const BLOB_BUFFER: usize = 1 << 20;
 /// Uncompressed reads by the tar parser (headers are 512 bytes each).
 const TAR_BUFFER: usize = 256 << 10;
 
-/// Hashes everything read through it.
+/// Hashes everything read through it, and stops with an error past `budget` bytes.
 struct Hashing<R> {
     inner: R,
     hasher: Sha256,
     bytes: u64,
+    budget: Option<u64>,
+}
+
+impl<R> Hashing<R> {
+    fn over_budget(&self) -> bool {
+        self.budget.is_some_and(|budget| self.bytes > budget)
+    }
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.over_budget() {
+            return Err(io::Error::other("the layer is larger than its budget"));
+        }
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
@@ -199,12 +217,25 @@ pub fn extract_layer(
         inner: decoded,
         hasher: Sha256::new(),
         bytes: 0,
+        budget: options.limits.max_uncompressed_bytes,
     };
     let mut tar = BufReader::with_capacity(TAR_BUFFER, hashing);
-    let (entries, implicit_dirs) = extract::extract(&mut tar, layer, root, options)?;
-    // containerd hashes the whole stream, the zero blocks after the archive's end
-    // and any padding included: so do we.
-    io::copy(&mut tar, &mut io::sink()).map_err(corrupt)?;
+    let extracted = extract::extract(&mut tar, layer, root, options).and_then(|extracted| {
+        // containerd hashes the whole stream, the zero blocks after the archive's end
+        // and any padding included: so do we.
+        io::copy(&mut tar, &mut io::sink()).map_err(corrupt)?;
+        Ok(extracted)
+    });
+    // Whatever the walk made of the budget's read error, it is the budget's.
+    if let (Err(_), Some(limit)) = (&extracted, options.limits.max_uncompressed_bytes) {
+        if tar.get_ref().over_budget() {
+            return Err(UnpackError::OverBudget {
+                layer: layer.to_string(),
+                limit,
+            });
+        }
+    }
+    let (entries, implicit_dirs) = extracted?;
     let hashing = tar.into_inner();
     let diff_id: Digest = format!("sha256:{}", hex::encode(hashing.hasher.finalize()))
         .parse()
@@ -386,6 +417,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         extract(&tar, dir.path(), &diff_id, Whiteouts::Overlay).unwrap();
         assert_eq!(std::fs::read(dir.path().join("d/f")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_stream_past_its_budget_is_over_budget_wherever_it_stops() {
+        let (tar, diff_id) = layer(|t| {
+            raw(t, tar::EntryType::Regular, b"big", b"", &vec![7; 1 << 20]);
+        });
+        let total = tar.len() as u64;
+        // In the middle of a file, in the zero blocks after the archive, and not at
+        // all when the budget is the stream's size.
+        for (budget, over) in [(512 << 10, true), (total - 100, true), (total, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut options = options(Whiteouts::Overlay);
+            options.limits.max_uncompressed_bytes = Some(budget);
+            let result = extract_layer(&tar[..], "l", dir.path(), &diff_id, &options);
+            match result {
+                Err(UnpackError::OverBudget { limit, .. }) if over => assert_eq!(limit, budget),
+                Ok(extracted) if !over => assert_eq!(extracted.uncompressed_bytes, total),
+                other => panic!("budget {budget}: {other:?}"),
+            }
+        }
     }
 
     #[test]

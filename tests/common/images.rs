@@ -347,6 +347,58 @@ fn try_random_image(total_bytes: u64, layers: usize, tag: &str) -> Result<OciIma
     layout.finish(tag, top, vec![manifest])
 }
 
+/// An image of one gzip layer holding `zeros.bin`, `mib` MiB of zeros: a layer that
+/// inflates about a thousand times. The gzip is one member per MiB (gzip readers,
+/// Go's and ours, read concatenated members as one stream), so a debug build
+/// compresses one MiB of zeros, not all of them. Not runnable (no busybox).
+pub fn zeros_image(mib: usize, tag: &str) -> OciImage {
+    must(try_zeros_image(mib, tag))
+}
+
+fn try_zeros_image(mib: usize, tag: &str) -> Result<OciImage> {
+    use std::io::Write as _;
+    const MIB: usize = 1 << 20;
+    let gzip = |raw: &[u8]| -> Result<Vec<u8>> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(raw).ctx(|| "gzip".into())?;
+        gz.finish().ctx(|| "gzip".into())
+    };
+    let mut header = tar::Header::new_gnu();
+    header.set_path("zeros.bin").ctx(|| "tar header".into())?;
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size((mib * MIB) as u64);
+    header.set_mtime(0);
+    header.set_cksum();
+    let zeros = vec![0u8; MIB];
+    // The data ends on a 512-byte boundary; two zero blocks end the archive.
+    let tail = [0u8; 1024];
+    let mut diff_id = ring::digest::Context::new(&ring::digest::SHA256);
+    diff_id.update(header.as_bytes());
+    let mut gz = gzip(header.as_bytes())?;
+    let zeros_gz = gzip(&zeros)?;
+    for _ in 0..mib {
+        diff_id.update(&zeros);
+        gz.extend_from_slice(&zeros_gz);
+    }
+    diff_id.update(&tail);
+    gz.extend_from_slice(&gzip(&tail)?);
+    let layer = Layer {
+        gz,
+        diff_id: format!("sha256:{}", hex::encode(diff_id.finish())),
+    };
+    let layout = Layout::create()?;
+    let config = ImageConfig {
+        arch: host_arch(),
+        entrypoint: &[],
+        cmd: &[],
+        user: None,
+    };
+    let manifest = layout.image(&config, &[layer])?;
+    let top = manifest.manifest.clone();
+    layout.finish(tag, top, vec![manifest])
+}
+
 /// An image of real files: one gzip layer (default level, as image builders write)
 /// per directory of this machine, each stored under its own path (`/usr/include` →
 /// `usr/include/…`); symlinks are kept as links. For benchmarks of file-heavy images.

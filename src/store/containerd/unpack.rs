@@ -37,6 +37,13 @@ const CONTENT_PLUGIN_ID: &str = "content";
 /// Our staging directory inside the snapshotter's root (same filesystem as its
 /// `snapshots/`); containerd only looks at `snapshots/` and `metadata.db` there.
 const STAGING_DIR: &str = "cri-imaged-unpack";
+/// A layer extracted from its download is read before its blob's digest is
+/// verified: it may inflate to this many times its compressed size (at least
+/// [`STREAMED_FLOOR`] bytes), else the pull extracts it from the content store
+/// once verified (`UnpackError::OverBudget`). Real layers rarely pass 10 times;
+/// a zstd bomb from a hostile mirror would write without end.
+const STREAMED_RATIO: u64 = 32;
+const STREAMED_FLOOR: u64 = 64 << 20;
 
 /// How layers are unpacked (`[pull] unpack`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -205,7 +212,14 @@ impl LocalUnpack {
         let blob = self.blob_path(layer);
         let digest = layer.digest.clone();
         let diff_id = diff_id.clone();
+        let mut limits = Limits::default();
         if let LayerBytes::Streamed(reader) = &mut bytes {
+            limits.max_uncompressed_bytes = Some(
+                layer
+                    .size
+                    .saturating_mul(STREAMED_RATIO)
+                    .max(STREAMED_FLOOR),
+            );
             // A blocking thread for the extraction once its download is under way.
             reader.ready().await;
         }
@@ -226,10 +240,7 @@ impl LocalUnpack {
                 LayerBytes::Stored => Box::new(open_blob(&blob)?),
                 LayerBytes::Streamed(reader) => Box::new(reader),
             };
-            let options = Options {
-                whiteouts,
-                limits: Limits::default(),
-            };
+            let options = Options { whiteouts, limits };
             let extracted =
                 unpack::extract_layer(source, &digest.to_string(), &dir, &diff_id, &options)?;
             staged.implicit_dirs = extracted.implicit_dirs;
