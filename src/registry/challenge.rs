@@ -1179,7 +1179,7 @@ mod tests {
         realm: impl Fn(&str) -> String + Send + Sync + 'static,
     ) -> impl Fn(&Seen) -> fake::Reply + Send + Sync + 'static {
         move |seen: &Seen| {
-            let host = seen.header("host").unwrap_or_default();
+            let host = seen.authority().unwrap_or_default();
             fake::with_header(
                 fake::error_reply(401, "UNAUTHORIZED", "authentication required"),
                 "www-authenticate",

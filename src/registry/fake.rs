@@ -30,6 +30,10 @@ pub struct Seen {
     pub target: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub version: http::Version,
+    uri_authority: Option<String>,
+    /// Which connection it came on (numbered as accepted, from 0).
+    pub connection: usize,
 }
 
 impl Seen {
@@ -39,6 +43,12 @@ impl Seen {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The host the request was for: its `Host` header, or over HTTP/2 (which has
+    /// none) its `:authority`.
+    pub fn authority(&self) -> Option<&str> {
+        self.header("host").or(self.uri_authority.as_deref())
     }
 
     pub fn authorization(&self) -> Option<&str> {
@@ -60,7 +70,7 @@ impl Fake {
         Fake::serve(None, handler).await
     }
 
-    /// The same over TLS with the given certificate chain and key.
+    /// The same over TLS with the given certificate chain and key (HTTP/2 or 1.1).
     pub async fn start_tls(
         tls: &TestCert,
         handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
@@ -70,7 +80,7 @@ impl Fake {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let key = PrivateKeyDer::from_pem_file(&tls.key).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
@@ -78,6 +88,8 @@ impl Fake {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
+        // HTTP/2 when the client offers it, as registries behind TLS answer.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Fake::serve(Some(TlsAcceptor::from(Arc::new(config))), handler).await
     }
 
@@ -91,7 +103,7 @@ impl Fake {
         let handler: Arc<Handler> = Arc::new(handler);
         let task_log = log.clone();
         let task = tokio::spawn(async move {
-            loop {
+            for connection in 0.. {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
@@ -118,6 +130,9 @@ impl Fake {
                                     .unwrap_or_default(),
                                 headers: parts.headers,
                                 body,
+                                version: parts.version,
+                                uri_authority: parts.uri.authority().map(|a| a.to_string()),
+                                connection,
                             };
                             let reply = handler(&seen);
                             log.lock().unwrap().push(seen);

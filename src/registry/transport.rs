@@ -29,6 +29,8 @@ use url::Url;
 /// Redirects followed for one request (blob GETs go registry → storage, sometimes
 /// through a CDN hop or two).
 pub(crate) const MAX_REDIRECTS: usize = 5;
+/// HTTP/2 flow-control window per stream (hyper's default); the connection gets 16.
+const H2_STREAM_WINDOW: u32 = 2 << 20;
 
 type HttpsClient = Client<HttpsConnector<ProxyConnector>, Full<Bytes>>;
 
@@ -345,7 +347,15 @@ impl Transport {
             .enable_http1()
             .enable_http2()
             .wrap_connector(ProxyConnector::new(http, self.proxy.clone()));
-        let client: HttpsClient = Client::builder(TokioExecutor::new()).build(connector);
+        // Over HTTP/2 every request to a host shares one connection, and its window is
+        // used up by data received but not yet read. A layer download waiting for its
+        // extraction (the tee) reads nothing meanwhile: with hyper's 5 MiB connection
+        // window, three such streams would starve every other request to the host
+        // (the other layers, other pulls' manifests). Sixteen streams' worth of room.
+        let client: HttpsClient = Client::builder(TokioExecutor::new())
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_STREAM_WINDOW * 16)
+            .build(connector);
         self.clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -701,6 +711,65 @@ pub(crate) async fn read_capped(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
+    use crate::oci::Descriptor;
+
+    /// Over HTTP/2, blob bodies nobody reads for now (their extraction is behind)
+    /// hold their stream windows; they must not take the whole connection's, or
+    /// every other request to the host waits with them.
+    #[tokio::test]
+    async fn unread_blob_bodies_do_not_starve_other_requests_on_the_connection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cert = fake::TestCert::generate(tmp.path());
+        let blob = bytes::Bytes::from(vec![7u8; 3 << 20]);
+        let desc = Descriptor::new(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            Digest::of(&blob),
+            blob.len() as u64,
+        );
+        let served = blob.clone();
+        let registry = Fake::start_tls(&cert, move |seen: &Seen| {
+            if seen.path().contains("/blobs/") {
+                fake::reply(200, served.clone())
+            } else {
+                fake::serve_image(seen)
+            }
+        })
+        .await;
+        let client = fake::client();
+        let endpoint = fake::insecure(&registry);
+        let mut unread = Vec::new();
+        for _ in 0..4 {
+            let body = client
+                .fetch_blob(&endpoint, "app", &desc, 0, None)
+                .await
+                .unwrap();
+            unread.push(body);
+        }
+        // Give the unread streams time to fill their windows.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let manifest = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.fetch_manifest(&endpoint, "app", "v1", None),
+        )
+        .await;
+        assert!(
+            matches!(manifest, Ok(Ok(_))),
+            "the manifest waited for unread blobs: {manifest:?}"
+        );
+        // What the test is about: one HTTP/2 connection carried all of it.
+        let seen = registry.seen();
+        assert_eq!(seen.len(), 5);
+        assert!(
+            seen.iter()
+                .all(|s| s.version == http::Version::HTTP_2 && s.connection == seen[0].connection),
+            "{:?}",
+            seen.iter()
+                .map(|s| (s.version, s.connection))
+                .collect::<Vec<_>>()
+        );
+        drop(unread);
+    }
 
     #[test]
     fn origin_compares_scheme_host_and_port() {
