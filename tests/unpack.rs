@@ -773,6 +773,100 @@ async fn sparse_files_and_layers_that_start_empty_unpack_as_diff_apply_does() {
     );
 }
 
+/// A layer of one PAX sparse file `f` described by `records` (`GNU.sparse.*`),
+/// whose archived data is `data`.
+fn pax_sparse(records: &[(&str, &str)], data: &[u8]) -> Vec<u8> {
+    let mut t = tar::Builder::new(Vec::new());
+    t.append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("f").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_mtime(1_400_000_000);
+    h.set_cksum();
+    t.append(&h, data).unwrap();
+    t.into_inner().unwrap()
+}
+
+/// Sparse maps that Go's reader (containerd's) refuses are refused here too; the
+/// same file with a well-formed map unpacks the same on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_pax_sparse_maps_are_refused_as_containerd_refuses_them() {
+    let p = pair().await;
+    let v01 = [("GNU.sparse.major", "0"), ("GNU.sparse.minor", "1")];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut records = v01.to_vec();
+        records.push(("GNU.sparse.size", "16"));
+        records.extend_from_slice(extra);
+        records
+    };
+    let good = vec![compress(
+        pax_sparse(
+            &with(&[
+                ("GNU.sparse.numblocks", "2"),
+                ("GNU.sparse.map", "0,4,12,4"),
+            ]),
+            b"headtail",
+        ),
+        Compress::Gzip,
+    )];
+    assert_both_unpack_the_same(&p, &good, "well-formed 0.1 sparse map").await;
+
+    let cases = [
+        (
+            "data longer than the map",
+            pax_sparse(
+                &with(&[("GNU.sparse.numblocks", "1"), ("GNU.sparse.map", "0,4")]),
+                b"headtail",
+            ),
+        ),
+        (
+            "a map without its region count",
+            pax_sparse(&with(&[("GNU.sparse.map", "0,4,12,4")]), b"headtail"),
+        ),
+        (
+            "a map of another region count",
+            pax_sparse(
+                &with(&[
+                    ("GNU.sparse.numblocks", "1"),
+                    ("GNU.sparse.map", "0,4,12,4"),
+                ]),
+                b"headtail",
+            ),
+        ),
+        (
+            "0.0 records out of turn",
+            pax_sparse(
+                &[
+                    ("GNU.sparse.major", "0"),
+                    ("GNU.sparse.minor", "0"),
+                    ("GNU.sparse.size", "16"),
+                    ("GNU.sparse.numblocks", "2"),
+                    ("GNU.sparse.offset", "0"),
+                    ("GNU.sparse.offset", "12"),
+                    ("GNU.sparse.numbytes", "4"),
+                    ("GNU.sparse.numbytes", "4"),
+                ],
+                b"headtail",
+            ),
+        ),
+    ];
+    for (what, tar) in cases {
+        let layers = vec![compress(tar, Compress::Gzip)];
+        let theirs = apply_chain(&p.theirs, &p.lease_theirs, &layers).await;
+        assert!(theirs.is_err(), "containerd applied: {what}");
+        let ours = apply_chain(&p.ours, &p.lease_ours, &layers)
+            .await
+            .expect_err(what);
+        assert!(
+            matches!(ours, StoreError::Unpack(UnpackError::Hostile { .. })),
+            "{what}: {ours}"
+        );
+    }
+}
+
 /// A layer with one raw entry (the tar builder refuses these names).
 fn hostile(kind: tar::EntryType, name: &str, link: &str) -> Vec<u8> {
     let mut t = TarBuilder::new();

@@ -485,6 +485,17 @@ impl Extractor<'_> {
                         return Err(self.hostile(&shown, "sparse data shorter than its map".into()));
                     }
                 }
+                // Data the map does not place is an error to Go's reader too.
+                let mut more = [0u8; 1];
+                let left = entry
+                    .read(&mut more)
+                    .map_err(|source| UnpackError::Corrupt {
+                        layer: self.layer.to_string(),
+                        source,
+                    })?;
+                if left > 0 {
+                    return Err(self.hostile(&shown, "sparse data longer than its map".into()));
+                }
                 file.set_len(*real_size)
                     .map_err(self.io("write", &path.joined))?;
             }
@@ -722,6 +733,8 @@ struct SparseRecords {
     size: Option<u64>,
     /// 0.1: `offset,length,offset,length…`.
     map: Option<Vec<u8>>,
+    /// 0.x: how many regions the map holds (Go's reader requires it).
+    numblocks: Option<u64>,
     /// 0.0: repeated `offset` and `numbytes` records, in pairs.
     pairs: Vec<u64>,
     any: bool,
@@ -742,9 +755,14 @@ impl SparseRecords {
             "name" => self.name = Some(value.to_vec()),
             "size" | "realsize" => self.size = Some(number()?),
             "map" => self.map = Some(value.to_vec()),
+            "numblocks" => self.numblocks = Some(number()?),
             "offset" | "numbytes" => {
                 if self.pairs.len() as u64 >= 2 * MAX_SPARSE_REGIONS {
                     return Err("a sparse map with too many regions".into());
+                }
+                // In turns, offset first, as Go's reader insists.
+                if (field == "offset") != self.pairs.len().is_multiple_of(2) {
+                    return Err(format!("GNU.sparse.{field} out of turn"));
                 }
                 self.pairs.push(number()?);
             }
@@ -780,7 +798,13 @@ impl SparseRecords {
                     .collect::<Result<Vec<_>, _>>()?,
                 None => self.pairs,
             };
-            if numbers.len() % 2 != 0 || numbers.len() as u64 > 2 * MAX_SPARSE_REGIONS {
+            let regions = self
+                .numblocks
+                .ok_or("a sparse map without its region count")?;
+            if numbers.len() % 2 != 0
+                || numbers.len() as u64 > 2 * MAX_SPARSE_REGIONS
+                || (numbers.len() / 2) as u64 != regions
+            {
                 return Err("a malformed sparse map".into());
             }
             let map: Vec<(u64, u64)> = numbers.chunks(2).map(|p| (p[0], p[1])).collect();
