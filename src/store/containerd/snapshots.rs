@@ -64,14 +64,33 @@ impl ContainerdStore {
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<Digest, StoreError> {
+        self.extract_and_commit(lease, snapshotter, parent, chain_id, async |_, mounts| {
+            self.apply_diff(lease, mounts, layer, diff_id).await
+        })
+        .await?;
+        Ok(diff_id.clone())
+    }
+
+    /// Prepares the extraction snapshot for `chain_id`, has `work` write the layer
+    /// into it (given its key and mounts), and commits it; on failure the prepared
+    /// snapshot is removed and nothing is committed. When the chain ID is committed
+    /// already, `work` does not run (and is dropped).
+    pub(super) async fn extract_and_commit(
+        &self,
+        lease: &Lease,
+        snapshotter: &str,
+        parent: Option<&Digest>,
+        chain_id: &Digest,
+        work: impl AsyncFnOnce(&str, Vec<containerd_client::types::Mount>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let Some((key, mounts)) = self
             .prepare_extraction(lease, snapshotter, parent, chain_id)
             .await?
         else {
-            return Ok(diff_id.clone());
+            return Ok(());
         };
         let result = async {
-            self.apply_diff(lease, mounts, layer, diff_id).await?;
+            work(&key, mounts).await?;
             self.commit_extraction(lease, snapshotter, &key, chain_id)
                 .await
         }
@@ -80,13 +99,13 @@ impl ContainerdStore {
             tracing::debug!(%key, %error, "unpack failed; removing the extraction snapshot");
             self.remove_snapshot(snapshotter, &key).await;
         }
-        result.map(|()| diff_id.clone())
+        result
     }
 
     /// Prepares the active snapshot a layer is extracted into, labelled with the
     /// chain ID it will be committed as. Returns its key and mounts, or `None` when
     /// that chain ID is committed already (another pull won the race).
-    pub(super) async fn prepare_extraction(
+    async fn prepare_extraction(
         &self,
         lease: &Lease,
         snapshotter: &str,
@@ -174,7 +193,7 @@ impl ContainerdStore {
 
     /// Commits the extraction snapshot `key` as `chain_id`. Another pull having
     /// committed that chain ID first is success (ours is removed).
-    pub(super) async fn commit_extraction(
+    async fn commit_extraction(
         &self,
         lease: &Lease,
         snapshotter: &str,

@@ -476,29 +476,16 @@ impl ContainerdStore {
                 .commit_staged_layer(local, lease, snapshotter, staged, parent, chain_id)
                 .await;
         }
-        let Some((key, mounts)) = self
-            .prepare_extraction(lease, snapshotter, parent, chain_id)
-            .await?
-        else {
-            return Ok(());
-        };
-        let result = async {
+        self.extract_and_commit(lease, snapshotter, parent, chain_id, async |key, mounts| {
             if snapshot_dirs(&mounts).is_ok() {
-                local.extract_into(layer, diff_id, &mounts).await?;
+                local.extract_into(layer, diff_id, &mounts).await
             } else {
                 // The prepared directory is not visible from here: containerd applies.
                 tracing::info!(%key, "snapshot directory not visible here; this layer goes through Diff.Apply");
-                self.apply_diff(lease, mounts, layer, diff_id).await?;
+                self.apply_diff(lease, mounts, layer, diff_id).await
             }
-            self.commit_extraction(lease, snapshotter, &key, chain_id)
-                .await
-        }
-        .await;
-        if let Err(error) = &result {
-            tracing::debug!(%key, %error, "unpack failed; removing the extraction snapshot");
-            self.remove_snapshot(snapshotter, &key).await;
-        }
-        result
+        })
+        .await
     }
 
     /// Prepare → move the staged tree in → Commit; on failure the prepared snapshot
@@ -512,24 +499,11 @@ impl ContainerdStore {
         parent: Option<&Digest>,
         chain_id: &Digest,
     ) -> Result<(), StoreError> {
-        let Some((key, mounts)) = self
-            .prepare_extraction(lease, snapshotter, parent, chain_id)
-            .await?
-        else {
-            // Committed by another pull meanwhile; `staged` is removed on drop.
-            return Ok(());
-        };
-        let result = async {
-            local.place(staged, &mounts).await?;
-            self.commit_extraction(lease, snapshotter, &key, chain_id)
-                .await
-        }
-        .await;
-        if let Err(error) = &result {
-            tracing::debug!(%key, %error, "placing a staged layer failed; removing the extraction snapshot");
-            self.remove_snapshot(snapshotter, &key).await;
-        }
-        result
+        // Committed by another pull meanwhile: `staged` is removed on drop.
+        self.extract_and_commit(lease, snapshotter, parent, chain_id, async |_, mounts| {
+            local.place(staged, &mounts).await
+        })
+        .await
     }
 }
 
